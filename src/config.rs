@@ -1,0 +1,219 @@
+//! Configuration: one typed tree read once at start-up.
+//!
+//! Layers, each overriding the one before: the built-in defaults (`config/default.toml`,
+//! compiled in), an optional file (`--config FILE`), environment variables
+//! `CROSSBATCH__SECTION__KEY`, and finally command-line flags (applied by the CLI).
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::index::IndexParams;
+
+/// The defaults, identical to `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of environment variables that override settings.
+pub const ENV_PREFIX: &str = "CROSSBATCH__";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// HTTP server and storage.
+    pub server: ServerConfig,
+    /// Which model to serve and where.
+    pub model: ModelConfig,
+    /// Dynamic batching and admission control.
+    pub batching: BatchingConfig,
+    /// HNSW index parameters.
+    pub index: IndexParams,
+    /// Search limits.
+    pub search: SearchConfig,
+}
+
+/// `[server]` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address, `HOST:PORT`.
+    pub addr: String,
+    /// Directory of the durable store.
+    pub data_dir: PathBuf,
+    /// Largest accepted request body in bytes.
+    pub body_limit_bytes: usize,
+    /// Seconds in-flight requests get to finish on shutdown.
+    pub shutdown_grace_seconds: u64,
+}
+
+/// `[model]` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model directory (model.toml + weights).
+    pub dir: PathBuf,
+    /// `auto`, `cpu` or `cuda:N`.
+    pub device: String,
+    /// libtorch intra-op threads; 0 = number of cores.
+    pub threads: usize,
+}
+
+/// `[batching]` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most inputs per forward pass.
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    pub max_wait_ms: u64,
+    /// Inputs allowed to wait in the queue before 429.
+    pub queue_capacity: usize,
+    /// Most inputs one request may carry.
+    pub max_inputs_per_request: usize,
+}
+
+/// `[search]` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchConfig {
+    /// Largest accepted k.
+    pub max_k: usize,
+}
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The override file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File involved.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A layer is not valid TOML or does not fit the schema.
+    #[error("invalid configuration ({origin}): {message}")]
+    Invalid {
+        /// Which layer: the file path or the environment variable.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads defaults, then `file` if given, then `CROSSBATCH__*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut merged = parse_layer(DEFAULT_TOML, "built-in defaults")?;
+        if let Some(path) = file {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: shown.clone(),
+                source,
+            })?;
+            merge(&mut merged, parse_layer(&text, &shown)?);
+        }
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+            merge(&mut merged, env_layer(&path, &raw));
+        }
+        merged.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid {
+            origin: "merged layers".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads the configuration as `serve` does: optional file plus the process environment.
+    pub fn from_process(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load(file, std::env::vars())
+    }
+}
+
+fn parse_layer(text: &str, origin: &str) -> Result<toml::Value, ConfigError> {
+    text.parse::<toml::Table>()
+        .map(toml::Value::Table)
+        .map_err(|e| ConfigError::Invalid {
+            origin: origin.into(),
+            message: e.to_string(),
+        })
+}
+
+/// A one-key layer from an environment variable; the value is read as a TOML value
+/// (number, boolean, quoted string) when it parses as one, else as a plain string.
+fn env_layer(path: &[String], raw: &str) -> toml::Value {
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    path.iter().rev().fold(value, |inner, key| {
+        let mut table = toml::Table::new();
+        table.insert(key.clone(), inner);
+        toml::Value::Table(table)
+    })
+}
+
+fn merge(base: &mut toml::Value, layer: toml::Value) {
+    match (base, layer) {
+        (toml::Value::Table(base), toml::Value::Table(layer)) => {
+            for (key, value) in layer {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, layer) => *base = layer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn defaults_parse_and_match_the_documented_values() {
+        let config = Config::load(None, no_env()).unwrap();
+        assert_eq!(config.server.addr, "127.0.0.1:8080");
+        assert_eq!(config.server.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.model.dir, PathBuf::from("models/default"));
+        assert_eq!(config.model.device, "auto");
+        assert_eq!(config.index.m, 16);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\naddr = \"0.0.0.0:9000\"\n[index]\nm = 8\n").unwrap();
+        let env = vec![
+            ("CROSSBATCH__INDEX__M".to_string(), "24".to_string()),
+            ("CROSSBATCH__MODEL__DEVICE".to_string(), "cpu".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let config = Config::load(Some(&file), env).unwrap();
+        assert_eq!(config.server.addr, "0.0.0.0:9000");
+        assert_eq!(config.index.m, 24);
+        assert_eq!(config.model.device, "cpu");
+        assert_eq!(config.index.ef_search, 64, "untouched keys keep their defaults");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_errors() {
+        let env = vec![("CROSSBATCH__SERVER__ADRESS".to_string(), "x".to_string())];
+        assert!(Config::load(None, env).is_err());
+        let env = vec![("CROSSBATCH__INDEX__M".to_string(), "many".to_string())];
+        assert!(Config::load(None, env).is_err());
+    }
+}

@@ -1,0 +1,187 @@
+//! Preprocessing: encoded image bytes or raw tensors → normalised CHW f32 values.
+//!
+//! Runs on plain `Vec<f32>` (no tch tensors), so request handlers can call it off the
+//! inference thread.
+use image::{imageops::FilterType, DynamicImage};
+
+use crate::model::spec::InputSpec;
+
+/// Why an input could not be turned into model input.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PreprocessError {
+    /// The bytes are not a decodable PNG or JPEG image.
+    #[error("not a decodable PNG or JPEG image: {0}")]
+    NotAnImage(String),
+    /// A raw tensor's shape does not match the model input.
+    #[error("tensor shape {got:?} does not match the model input shape {expected:?}")]
+    WrongShape {
+        /// Shape the client sent.
+        got: Vec<usize>,
+        /// Shape the model expects.
+        expected: [usize; 3],
+    },
+    /// A raw tensor's value count does not match its declared shape.
+    #[error("tensor has {got} values but shape {shape:?} needs {expected}")]
+    WrongLength {
+        /// Number of values sent.
+        got: usize,
+        /// Number the shape implies.
+        expected: usize,
+        /// Declared shape.
+        shape: Vec<usize>,
+    },
+    /// A raw tensor contains NaN or infinity.
+    #[error("tensor contains non-finite values")]
+    NonFinite,
+}
+
+/// Decodes PNG/JPEG bytes and preprocesses them for a model.
+pub fn decode_image(bytes: &[u8], spec: &InputSpec) -> Result<Vec<f32>, PreprocessError> {
+    let format = image::guess_format(bytes).map_err(|e| PreprocessError::NotAnImage(e.to_string()))?;
+    if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
+        return Err(PreprocessError::NotAnImage(format!("unsupported format {format:?}")));
+    }
+    let image = image::load_from_memory_with_format(bytes, format)
+        .map_err(|e| PreprocessError::NotAnImage(e.to_string()))?;
+    Ok(image_to_input(&image, spec))
+}
+
+/// Converts a decoded image to the model's channels, resizes it to the model's size and
+/// normalises it: `(pixel / 255 - mean[c]) / std[c]`, laid out channel-major (CHW).
+pub fn image_to_input(image: &DynamicImage, spec: &InputSpec) -> Vec<f32> {
+    let (w, h) = (spec.width as u32, spec.height as u32);
+    let resized;
+    let image = if image.width() == w && image.height() == h {
+        image
+    } else {
+        resized = image.resize_exact(w, h, FilterType::Triangle);
+        &resized
+    };
+    let plane = spec.height * spec.width;
+    let mut out = vec![0f32; spec.numel()];
+    match spec.channels {
+        1 => {
+            let gray = image.to_luma8();
+            for (i, p) in gray.as_raw().iter().enumerate() {
+                out[i] = normalise(*p, spec.mean[0], spec.std[0]);
+            }
+        }
+        _ => {
+            let rgb = image.to_rgb8();
+            for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    out[c * plane + i] = normalise(px[c], spec.mean[c], spec.std[c]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Preprocesses an 8-bit grayscale pixel buffer of `height × width` (as stored in IDX files).
+pub fn gray_pixels_to_input(pixels: &[u8], height: usize, width: usize, spec: &InputSpec) -> Vec<f32> {
+    match image::GrayImage::from_raw(width as u32, height as u32, pixels.to_vec()) {
+        Some(gray) => image_to_input(&DynamicImage::ImageLuma8(gray), spec),
+        None => vec![0f32; spec.numel()],
+    }
+}
+
+/// Validates a raw tensor sent by a client (`values` in CHW order, already normalised).
+pub fn check_tensor(values: Vec<f32>, shape: &[usize], spec: &InputSpec) -> Result<Vec<f32>, PreprocessError> {
+    let expected = spec.shape();
+    if shape != expected {
+        return Err(PreprocessError::WrongShape {
+            got: shape.to_vec(),
+            expected,
+        });
+    }
+    if values.len() != spec.numel() {
+        return Err(PreprocessError::WrongLength {
+            got: values.len(),
+            expected: spec.numel(),
+            shape: shape.to_vec(),
+        });
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(PreprocessError::NonFinite);
+    }
+    Ok(values)
+}
+
+fn normalise(pixel: u8, mean: f32, std: f32) -> f32 {
+    (pixel as f32 / 255.0 - mean) / std
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gray_spec(side: usize) -> InputSpec {
+        InputSpec {
+            channels: 1,
+            height: side,
+            width: side,
+            mean: vec![0.5],
+            std: vec![0.25],
+        }
+    }
+
+    fn png_bytes(image: &DynamicImage) -> Vec<u8> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn gray_png_round_trips_with_normalisation() {
+        let pixels: Vec<u8> = (0..16u8).map(|i| i * 17).collect();
+        let image = DynamicImage::ImageLuma8(image::GrayImage::from_raw(4, 4, pixels.clone()).unwrap());
+        let input = decode_image(&png_bytes(&image), &gray_spec(4)).unwrap();
+        for (value, pixel) in input.iter().zip(&pixels) {
+            let expected = (*pixel as f32 / 255.0 - 0.5) / 0.25;
+            assert!((value - expected).abs() < 1e-6, "{value} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn rgb_is_laid_out_channel_major() {
+        let mut rgb = image::RgbImage::new(2, 1);
+        rgb.put_pixel(0, 0, image::Rgb([255, 0, 0]));
+        rgb.put_pixel(1, 0, image::Rgb([0, 255, 0]));
+        let spec = InputSpec {
+            channels: 3,
+            height: 1,
+            width: 2,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+        };
+        let input = decode_image(&png_bytes(&DynamicImage::ImageRgb8(rgb)), &spec).unwrap();
+        assert_eq!(input, vec![1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn rgb_to_gray_and_resize() {
+        let rgb = image::RgbImage::from_pixel(8, 6, image::Rgb([200, 200, 200]));
+        let input = decode_image(&png_bytes(&DynamicImage::ImageRgb8(rgb)), &gray_spec(4)).unwrap();
+        assert_eq!(input.len(), 16);
+        let expected = (200.0 / 255.0 - 0.5) / 0.25;
+        assert!(input.iter().all(|v| (v - expected).abs() < 1e-2));
+    }
+
+    #[test]
+    fn garbage_bytes_are_rejected() {
+        assert!(matches!(decode_image(b"hello world", &gray_spec(4)), Err(PreprocessError::NotAnImage(_))));
+        let mut truncated = png_bytes(&DynamicImage::ImageLuma8(image::GrayImage::new(4, 4)));
+        truncated.truncate(20);
+        assert!(matches!(decode_image(&truncated, &gray_spec(4)), Err(PreprocessError::NotAnImage(_))));
+    }
+
+    #[test]
+    fn tensors_are_checked() {
+        let spec = gray_spec(2);
+        assert!(check_tensor(vec![0.0; 4], &[1, 2, 2], &spec).is_ok());
+        assert!(matches!(check_tensor(vec![0.0; 4], &[2, 2], &spec), Err(PreprocessError::WrongShape { .. })));
+        assert!(matches!(check_tensor(vec![0.0; 3], &[1, 2, 2], &spec), Err(PreprocessError::WrongLength { .. })));
+        assert_eq!(check_tensor(vec![f32::NAN, 0.0, 0.0, 0.0], &[1, 2, 2], &spec), Err(PreprocessError::NonFinite));
+    }
+}

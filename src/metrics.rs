@@ -1,0 +1,171 @@
+//! Prometheus metrics: one registry per server instance, every metric registered and
+//! described at start-up so `/metrics` is complete before the first request.
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+/// Reasons a request can be rejected, pre-registered as label values.
+pub const REJECT_REASONS: [&str; 5] = [
+    "queue_full",
+    "body_too_large",
+    "too_many_inputs",
+    "bad_input",
+    "not_ready",
+];
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests by route, method and status.
+    pub http_requests: IntCounterVec,
+    /// HTTP request latency by route and status.
+    pub http_duration: HistogramVec,
+    /// Requests rejected, by reason.
+    pub rejected: IntCounterVec,
+    /// Inputs waiting in the inference queue.
+    pub queue_depth: IntGauge,
+    /// Inputs per forward pass.
+    pub batch_size: Histogram,
+    /// Seconds per forward pass.
+    pub inference_seconds: Histogram,
+    /// Seconds per index search.
+    pub search_seconds: Histogram,
+    /// Live items in the served index.
+    pub index_items: IntGauge,
+    /// Constant 1, labelled with the served model's name, version and device.
+    pub model_info: GaugeVec,
+    /// Seconds the last index rebuild at start-up took.
+    pub index_rebuild_seconds: Gauge,
+}
+
+/// Routes pre-registered in the request counters so they appear before first use.
+pub const ROUTES: [&str; 9] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/info",
+    "/v1/embed",
+    "/v1/items",
+    "/v1/items/{id}",
+    "/v1/search",
+    "unmatched",
+];
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    /// Creates and registers every metric in a fresh registry.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new_custom(Some("crossbatch".into()), None)?;
+        let http_requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests by route, method and status."),
+            &["route", "method", "status"],
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP request latency by route and status.",
+            )
+            .buckets(latency_buckets()),
+            &["route", "status"],
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new("rejected_requests_total", "Requests rejected, by reason."),
+            &["reason"],
+        )?;
+        let queue_depth = IntGauge::new("queue_depth", "Inputs waiting in the inference queue.")?;
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("batch_size", "Inputs per forward pass.")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )?;
+        let inference_seconds = Histogram::with_opts(
+            HistogramOpts::new("inference_seconds", "Seconds per forward pass.")
+                .buckets(latency_buckets()),
+        )?;
+        let search_seconds = Histogram::with_opts(
+            HistogramOpts::new("search_seconds", "Seconds per index search.")
+                .buckets(latency_buckets()),
+        )?;
+        let index_items = IntGauge::new("index_items", "Live items in the served index.")?;
+        let model_info = GaugeVec::new(
+            Opts::new("model_info", "Served model (value 1), by name, version and device."),
+            &["name", "version", "device"],
+        )?;
+        let index_rebuild_seconds = Gauge::new(
+            "index_rebuild_seconds",
+            "Seconds the index rebuild from the store took at start-up.",
+        )?;
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(http_duration.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(inference_seconds.clone()))?;
+        registry.register(Box::new(search_seconds.clone()))?;
+        registry.register(Box::new(index_items.clone()))?;
+        registry.register(Box::new(model_info.clone()))?;
+        registry.register(Box::new(index_rebuild_seconds.clone()))?;
+        for reason in REJECT_REASONS {
+            rejected.with_label_values(&[reason]);
+        }
+        for route in ROUTES {
+            let method = if matches!(route, "/v1/embed" | "/v1/items" | "/v1/search") {
+                "POST"
+            } else {
+                "GET"
+            };
+            http_requests.with_label_values(&[route, method, "200"]);
+            http_duration.with_label_values(&[route, "200"]);
+        }
+        Ok(Metrics {
+            registry,
+            http_requests,
+            http_duration,
+            rejected,
+            queue_depth,
+            batch_size,
+            inference_seconds,
+            search_seconds,
+            index_items,
+            model_info,
+            index_rebuild_seconds,
+        })
+    }
+
+    /// Renders every metric in the Prometheus text exposition format.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        String::from_utf8(buffer).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_described_before_use() {
+        let metrics = Metrics::new().unwrap();
+        let text = metrics.render().unwrap();
+        for name in [
+            "crossbatch_http_requests_total",
+            "crossbatch_http_request_duration_seconds",
+            "crossbatch_rejected_requests_total",
+            "crossbatch_queue_depth",
+            "crossbatch_batch_size",
+            "crossbatch_inference_seconds",
+            "crossbatch_search_seconds",
+            "crossbatch_index_items",
+            "crossbatch_index_rebuild_seconds",
+        ] {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name} missing:\n{text}");
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} has no type");
+        }
+    }
+}
