@@ -122,10 +122,12 @@ impl Config {
             let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
             merge(&mut merged, env_layer(&path, &raw));
         }
-        merged.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid {
-            origin: "merged layers".into(),
-            message: e.to_string(),
-        })
+        merged
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                origin: "merged layers".into(),
+                message: e.to_string(),
+            })
     }
 
     /// Reads the configuration as `serve` does: optional file plus the process environment.
@@ -206,7 +208,10 @@ mod tests {
         assert_eq!(config.server.addr, "0.0.0.0:9000");
         assert_eq!(config.index.m, 24);
         assert_eq!(config.model.device, "cpu");
-        assert_eq!(config.index.ef_search, 64, "untouched keys keep their defaults");
+        assert_eq!(
+            config.index.ef_search, 64,
+            "untouched keys keep their defaults"
+        );
     }
 
     #[test]

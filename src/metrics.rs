@@ -63,7 +63,10 @@ impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new_custom(Some("crossbatch".into()), None)?;
         let http_requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "HTTP requests by route, method and status."),
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route, method and status.",
+            ),
             &["route", "method", "status"],
         )?;
         let http_duration = HistogramVec::new(
@@ -93,7 +96,10 @@ impl Metrics {
         )?;
         let index_items = IntGauge::new("index_items", "Live items in the served index.")?;
         let model_info = GaugeVec::new(
-            Opts::new("model_info", "Served model (value 1), by name, version and device."),
+            Opts::new(
+                "model_info",
+                "Served model (value 1), by name, version and device.",
+            ),
             &["name", "version", "device"],
         )?;
         let index_rebuild_seconds = Gauge::new(
@@ -164,8 +170,14 @@ mod tests {
             "crossbatch_index_items",
             "crossbatch_index_rebuild_seconds",
         ] {
-            assert!(text.contains(&format!("# HELP {name} ")), "{name} missing:\n{text}");
-            assert!(text.contains(&format!("# TYPE {name} ")), "{name} has no type");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} missing:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} has no type"
+            );
         }
     }
 }

@@ -37,9 +37,12 @@ pub enum PreprocessError {
 
 /// Decodes PNG/JPEG bytes and preprocesses them for a model.
 pub fn decode_image(bytes: &[u8], spec: &InputSpec) -> Result<Vec<f32>, PreprocessError> {
-    let format = image::guess_format(bytes).map_err(|e| PreprocessError::NotAnImage(e.to_string()))?;
+    let format =
+        image::guess_format(bytes).map_err(|e| PreprocessError::NotAnImage(e.to_string()))?;
     if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
-        return Err(PreprocessError::NotAnImage(format!("unsupported format {format:?}")));
+        return Err(PreprocessError::NotAnImage(format!(
+            "unsupported format {format:?}"
+        )));
     }
     let image = image::load_from_memory_with_format(bytes, format)
         .map_err(|e| PreprocessError::NotAnImage(e.to_string()))?;
@@ -79,7 +82,12 @@ pub fn image_to_input(image: &DynamicImage, spec: &InputSpec) -> Vec<f32> {
 }
 
 /// Preprocesses an 8-bit grayscale pixel buffer of `height × width` (as stored in IDX files).
-pub fn gray_pixels_to_input(pixels: &[u8], height: usize, width: usize, spec: &InputSpec) -> Vec<f32> {
+pub fn gray_pixels_to_input(
+    pixels: &[u8],
+    height: usize,
+    width: usize,
+    spec: &InputSpec,
+) -> Vec<f32> {
     match image::GrayImage::from_raw(width as u32, height as u32, pixels.to_vec()) {
         Some(gray) => image_to_input(&DynamicImage::ImageLuma8(gray), spec),
         None => vec![0f32; spec.numel()],
@@ -87,7 +95,11 @@ pub fn gray_pixels_to_input(pixels: &[u8], height: usize, width: usize, spec: &I
 }
 
 /// Validates a raw tensor sent by a client (`values` in CHW order, already normalised).
-pub fn check_tensor(values: Vec<f32>, shape: &[usize], spec: &InputSpec) -> Result<Vec<f32>, PreprocessError> {
+pub fn check_tensor(
+    values: Vec<f32>,
+    shape: &[usize],
+    spec: &InputSpec,
+) -> Result<Vec<f32>, PreprocessError> {
     let expected = spec.shape();
     if shape != expected {
         return Err(PreprocessError::WrongShape {
@@ -135,7 +147,8 @@ mod tests {
     #[test]
     fn gray_png_round_trips_with_normalisation() {
         let pixels: Vec<u8> = (0..16u8).map(|i| i * 17).collect();
-        let image = DynamicImage::ImageLuma8(image::GrayImage::from_raw(4, 4, pixels.clone()).unwrap());
+        let image =
+            DynamicImage::ImageLuma8(image::GrayImage::from_raw(4, 4, pixels.clone()).unwrap());
         let input = decode_image(&png_bytes(&image), &gray_spec(4)).unwrap();
         for (value, pixel) in input.iter().zip(&pixels) {
             let expected = (*pixel as f32 / 255.0 - 0.5) / 0.25;
@@ -170,18 +183,33 @@ mod tests {
 
     #[test]
     fn garbage_bytes_are_rejected() {
-        assert!(matches!(decode_image(b"hello world", &gray_spec(4)), Err(PreprocessError::NotAnImage(_))));
+        assert!(matches!(
+            decode_image(b"hello world", &gray_spec(4)),
+            Err(PreprocessError::NotAnImage(_))
+        ));
         let mut truncated = png_bytes(&DynamicImage::ImageLuma8(image::GrayImage::new(4, 4)));
         truncated.truncate(20);
-        assert!(matches!(decode_image(&truncated, &gray_spec(4)), Err(PreprocessError::NotAnImage(_))));
+        assert!(matches!(
+            decode_image(&truncated, &gray_spec(4)),
+            Err(PreprocessError::NotAnImage(_))
+        ));
     }
 
     #[test]
     fn tensors_are_checked() {
         let spec = gray_spec(2);
         assert!(check_tensor(vec![0.0; 4], &[1, 2, 2], &spec).is_ok());
-        assert!(matches!(check_tensor(vec![0.0; 4], &[2, 2], &spec), Err(PreprocessError::WrongShape { .. })));
-        assert!(matches!(check_tensor(vec![0.0; 3], &[1, 2, 2], &spec), Err(PreprocessError::WrongLength { .. })));
-        assert_eq!(check_tensor(vec![f32::NAN, 0.0, 0.0, 0.0], &[1, 2, 2], &spec), Err(PreprocessError::NonFinite));
+        assert!(matches!(
+            check_tensor(vec![0.0; 4], &[2, 2], &spec),
+            Err(PreprocessError::WrongShape { .. })
+        ));
+        assert!(matches!(
+            check_tensor(vec![0.0; 3], &[1, 2, 2], &spec),
+            Err(PreprocessError::WrongLength { .. })
+        ));
+        assert_eq!(
+            check_tensor(vec![f32::NAN, 0.0, 0.0, 0.0], &[1, 2, 2], &spec),
+            Err(PreprocessError::NonFinite)
+        );
     }
 }

@@ -122,7 +122,10 @@ impl ModelSpec {
     fn validate(&self) -> Result<(), String> {
         let input = &self.input;
         if input.channels != 1 && input.channels != 3 {
-            return Err(format!("input.channels must be 1 or 3, got {}", input.channels));
+            return Err(format!(
+                "input.channels must be 1 or 3, got {}",
+                input.channels
+            ));
         }
         if input.height == 0 || input.width == 0 {
             return Err("input.height and input.width must be positive".into());

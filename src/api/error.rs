@@ -1,0 +1,116 @@
+//! The JSON error envelope: `{"error":{"code":"…","message":"…"}}` with the right status.
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::embed::EmbedError;
+
+/// Why a request was refused, attached to the response so the metrics layer can count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RejectReason(pub &'static str);
+
+/// An error answered to the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with any status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the request is malformed.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 422: well-formed but invalid values.
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    /// 404: an unknown item.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 503: the server is not ready yet.
+    pub fn not_ready() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the model is loading or the index is being rebuilt",
+        )
+    }
+
+    /// 500: a failure on our side; details go to the log.
+    pub fn internal(message: impl std::fmt::Display) -> Self {
+        tracing::error!("internal error: {message}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("internal error: {message}"),
+        )
+    }
+
+    /// The metrics reason for this rejection, or `None` for server-side failures.
+    fn reject_reason(&self) -> Option<&'static str> {
+        match (self.status, self.code) {
+            (StatusCode::TOO_MANY_REQUESTS, _) => Some("queue_full"),
+            (_, "too_many_inputs") => Some("too_many_inputs"),
+            (StatusCode::PAYLOAD_TOO_LARGE, _) => Some("body_too_large"),
+            (StatusCode::SERVICE_UNAVAILABLE, _) => Some("not_ready"),
+            (status, _) if status.is_client_error() => Some("bad_input"),
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let reason = self.reject_reason();
+        let body = serde_json::json!({
+            "error": { "code": self.code, "message": self.message }
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(reason) = reason {
+            response.extensions_mut().insert(RejectReason(reason));
+        }
+        response
+    }
+}
+
+impl From<EmbedError> for ApiError {
+    fn from(error: EmbedError) -> Self {
+        match error {
+            EmbedError::QueueFull { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                error.to_string(),
+            ),
+            EmbedError::Stopped => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                error.to_string(),
+            ),
+            EmbedError::Inference(_) | EmbedError::Load(_) => ApiError::internal(error),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(error: tokio::task::JoinError) -> Self {
+        ApiError::internal(format!("worker task failed: {error}"))
+    }
+}

@@ -1,0 +1,90 @@
+//! HTTP API (axum): routing, shared state, request metrics.
+//!
+//! Handlers validate and decode, then hand work to the embedder thread, the index and the
+//! store; nothing below this module knows HTTP.
+
+pub mod body;
+pub mod error;
+mod handlers;
+pub mod input;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::Store;
+use error::{ApiError, RejectReason};
+
+/// Everything a handler needs, shared by all requests.
+#[derive(Clone)]
+pub struct AppState {
+    /// Settings read at start-up.
+    pub config: Arc<Config>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// The durable store.
+    pub store: Arc<Store>,
+    /// The live generation (model + index).
+    pub registry: Arc<Registry>,
+    /// Serialises store-then-index writes so index order always matches commit order.
+    /// Only ever taken on blocking threads, never across `.await`.
+    pub write_lock: Arc<Mutex<()>>,
+}
+
+/// Builds the router with every route, the body limit and the metrics layer.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.server.body_limit_bytes;
+    Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
+        .route("/v1/info", get(handlers::info))
+        .route("/v1/embed", post(handlers::embed))
+        .route("/v1/items", post(handlers::upsert_items))
+        .route(
+            "/v1/items/{id}",
+            get(handlers::get_item).delete(handlers::delete_item),
+        )
+        .route("/v1/search", post(handlers::search))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            track_request,
+        ))
+        .with_state(state)
+}
+
+/// Counts every request by route and status, times it, and counts rejections by reason.
+async fn track_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let metrics = &state.metrics;
+    metrics
+        .http_requests
+        .with_label_values(&[&route, &method, &status])
+        .inc();
+    metrics
+        .http_duration
+        .with_label_values(&[&route, &status])
+        .observe(started.elapsed().as_secs_f64());
+    if let Some(RejectReason(reason)) = response.extensions().get::<RejectReason>() {
+        metrics.rejected.with_label_values(&[reason]).inc();
+    }
+    response.into_response()
+}

@@ -1,0 +1,166 @@
+//! `crossbatch eval`: leave-one-out retrieval quality of a model (offline) or of a running
+//! server (through `POST /v1/embed`) on a labelled dataset.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+use crate::data::{self, Dataset, DatasetArgs};
+use crate::embed::preprocess::image_to_input;
+use crate::eval::{evaluate_vectors, EvalReport};
+use crate::model::LoadedModel;
+
+/// Images per `/v1/embed` request.
+const SERVER_BATCH: usize = 64;
+/// Images per forward pass offline.
+const MODEL_BATCH: usize = 256;
+
+/// Arguments of `crossbatch eval`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["model", "server"])))]
+pub struct EvalArgs {
+    /// Model directory to evaluate offline.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Base URL of a running server to evaluate through its API (e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// The dataset.
+    #[command(flatten)]
+    pub dataset: DatasetArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Device for --model: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+fn progress(n: usize) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} embedded  {per_sec}  eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Embeds the dataset with a local model.
+pub fn embed_with_model(model: &LoadedModel, dataset: &Dataset) -> anyhow::Result<Vec<Vec<f32>>> {
+    let spec = model.spec().input.clone();
+    let bar = progress(dataset.len());
+    let mut out = Vec::with_capacity(dataset.len());
+    for chunk in dataset.samples.chunks(MODEL_BATCH) {
+        let values: Vec<f32> = chunk
+            .iter()
+            .flat_map(|s| image_to_input(&s.image, &spec))
+            .collect();
+        out.extend(model.embed_values(&values, chunk.len())?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct EmbedResponse {
+    embeddings: Vec<Vec<f32>>,
+}
+
+/// Embeds the dataset through a running server's `POST /v1/embed`.
+pub fn embed_with_server(server: &str, dataset: &Dataset) -> anyhow::Result<Vec<Vec<f32>>> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    let url = format!("{}/v1/embed", server.trim_end_matches('/'));
+    let bar = progress(dataset.len());
+    let mut out = Vec::with_capacity(dataset.len());
+    for chunk in dataset.samples.chunks(SERVER_BATCH) {
+        let mut inputs = Vec::with_capacity(chunk.len());
+        for sample in chunk {
+            let mut png = std::io::Cursor::new(Vec::new());
+            sample.image.write_to(&mut png, image::ImageFormat::Png)?;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
+            inputs.push(serde_json::json!({ "image": encoded }));
+        }
+        let response = client
+            .post(&url)
+            .json(&serde_json::json!({ "inputs": inputs }))
+            .send()
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().unwrap_or_default();
+            anyhow::bail!("POST {url}: {status}: {body}");
+        }
+        let body: EmbedResponse = response
+            .json()
+            .with_context(|| format!("POST {url}: bad response"))?;
+        if body.embeddings.len() != chunk.len() {
+            anyhow::bail!(
+                "POST {url}: {} embeddings for {} inputs",
+                body.embeddings.len(),
+                chunk.len()
+            );
+        }
+        out.extend(body.embeddings);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// Loads the dataset, embeds it with the chosen source and computes the report.
+pub fn report(args: &EvalArgs) -> anyhow::Result<EvalReport> {
+    let dataset = data::load(&args.dataset)?;
+    let embeddings = match (&args.model, &args.server) {
+        (Some(dir), _) => {
+            let device = crate::model::parse_device(&args.device)?;
+            let model = LoadedModel::load(dir, device)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            embed_with_model(&model, &dataset)?
+        }
+        (None, Some(server)) => embed_with_server(server, &dataset)?,
+        (None, None) => anyhow::bail!("one of --model or --server is required"),
+    };
+    Ok(evaluate_vectors(&embeddings, &dataset.labels())?)
+}
+
+/// Runs `crossbatch eval`.
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let report = report(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: EvalArgs,
+    }
+
+    #[test]
+    fn exactly_one_source_is_required() {
+        assert!(Wrap::try_parse_from(["eval", "x"]).is_err());
+        assert!(
+            Wrap::try_parse_from(["eval", "--model", "m", "--server", "http://h", "x"]).is_err()
+        );
+        let w =
+            Wrap::try_parse_from(["eval", "--model", "m", "--json", "--limit", "3", "x"]).unwrap();
+        assert!(w.args.json);
+        assert_eq!(w.args.dataset.limit, Some(3));
+    }
+}

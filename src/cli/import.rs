@@ -1,0 +1,101 @@
+//! `crossbatch import`: load a labelled dataset into a running server through `POST /v1/items`.
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::data::{self, DatasetArgs};
+
+/// Flags of `crossbatch import`.
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// Base URL of the server, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub server: String,
+    /// Items per request.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Prefix of the generated item ids (`PREFIX{index}`); default: the dataset file's name
+    /// and a dash.
+    #[arg(long)]
+    pub id_prefix: Option<String>,
+    /// The dataset.
+    #[command(flatten)]
+    pub dataset: DatasetArgs,
+}
+
+/// Most attempts for one batch answered 429 or 503 before giving up.
+const MAX_ATTEMPTS: u32 = 20;
+
+/// Reads the dataset and upserts it in batches, retrying when the server says 429/503.
+pub fn run(args: ImportArgs) -> anyhow::Result<()> {
+    let dataset = data::load(&args.dataset)?;
+    let prefix = args.id_prefix.clone().unwrap_or_else(|| {
+        let name = args
+            .dataset
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let name = name.unwrap_or_default();
+        format!("{}-", name.trim_end_matches(".gz"))
+    });
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    let url = format!("{}/v1/items", args.server.trim_end_matches('/'));
+    let progress = ProgressBar::new(dataset.samples.len() as u64);
+    progress.set_style(ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} items  {per_sec}  eta {eta}",
+    )?);
+    let batch_size = args.batch_size.max(1);
+    for (batch_index, batch) in dataset.samples.chunks(batch_size).enumerate() {
+        let mut items = Vec::with_capacity(batch.len());
+        for (offset, sample) in batch.iter().enumerate() {
+            let index = batch_index * batch_size + offset;
+            let mut png = std::io::Cursor::new(Vec::new());
+            sample.image.write_to(&mut png, image::ImageFormat::Png)?;
+            items.push(json!({
+                "id": format!("{prefix}{index}"),
+                "label": sample.label,
+                "image": base64::engine::general_purpose::STANDARD.encode(png.into_inner()),
+            }));
+        }
+        post_with_retry(&client, &url, &json!({ "items": items }))?;
+        progress.inc(batch.len() as u64);
+    }
+    progress.finish();
+    eprintln!(
+        "imported {} items into {}",
+        dataset.samples.len(),
+        args.server
+    );
+    Ok(())
+}
+
+/// POSTs JSON, backing off while the server is busy (429) or starting (503).
+pub fn post_with_retry(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..MAX_ATTEMPTS {
+        let response = client
+            .post(url)
+            .json(body)
+            .send()
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        if status.as_u16() == 429 || status.as_u16() == 503 {
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(2));
+            continue;
+        }
+        let text = response.text()?;
+        anyhow::ensure!(status.is_success(), "POST {url} answered {status}: {text}");
+        return Ok(serde_json::from_str(&text)?);
+    }
+    anyhow::bail!("POST {url}: server still busy after {MAX_ATTEMPTS} attempts")
+}

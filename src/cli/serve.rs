@@ -1,0 +1,97 @@
+//! `crossbatch serve`: the HTTP server.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::Config;
+
+/// Flags of `crossbatch serve`; each overrides the configuration file and environment.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file overriding config/default.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Listen address HOST:PORT (port 0 picks a free port).
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Directory of the durable store.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Model directory (model.toml + weights).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// auto | cpu | cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+impl ServeArgs {
+    /// The configuration after every layer, flags last.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::from_process(self.config.as_deref())?;
+        if let Some(addr) = &self.addr {
+            config.server.addr = addr.clone();
+        }
+        if let Some(dir) = &self.data_dir {
+            config.server.data_dir = dir.clone();
+        }
+        if let Some(dir) = &self.model {
+            config.model.dir = dir.clone();
+        }
+        if let Some(device) = &self.device {
+            config.model.device = device.clone();
+        }
+        Ok(config)
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM, then drains in-flight requests for at most
+/// `server.shutdown_grace_seconds`.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = crate::server::start(config, async move {
+            shutdown_signal().await;
+            let _ = signalled_tx.send(());
+        })
+        .await?;
+        // Tests and scripts read this line to learn the port.
+        println!("crossbatch listening on http://{}", server.addr);
+        tokio::spawn(async move {
+            if signalled_rx.await.is_ok() {
+                tracing::info!("shutting down; draining in-flight requests");
+                tokio::time::sleep(grace).await;
+                tracing::warn!("grace period over; exiting with requests still open");
+                std::process::exit(0);
+            }
+        });
+        server.wait().await
+    })
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,290 @@
+//! `crossbatch train`: offline metric learning on a labelled dataset; writes a model directory.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use image::DynamicImage;
+
+use crate::data::{self, Dataset, DatasetArgs};
+use crate::embed::preprocess::image_to_input;
+use crate::model::builtin::{ARCHITECTURE, DEFAULT_WIDTHS};
+use crate::model::spec::{InputSpec, ModelFormat, ModelSpec};
+use crate::train::augment::Augment;
+use crate::train::loss::DEFAULT_MARGIN;
+use crate::train::offline::{self, TrainConfig, TrainData, Trainer, WEIGHTS_FILE};
+
+/// Arguments of `crossbatch train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// The training dataset.
+    #[command(flatten)]
+    pub dataset: DatasetArgs,
+    /// Output model directory (model.toml + model.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Fine-tune this builtin model directory instead of starting from scratch.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Optimisation steps.
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    /// Batch size P × K (P = classes per batch, at most the number of classes).
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Examples per class in a batch (K), when the data has enough classes for P = batch/K.
+    #[arg(long, default_value_t = 8)]
+    pub per_class: usize,
+    /// Input side in pixels (square); default: the dataset's image size. New models only.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Peak learning rate (Adam; linear warm-up over 5 % of the steps, then cosine decay).
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Seed of weight initialisation, sampling and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Embedding dimension of a new model (default 128).
+    #[arg(long)]
+    pub embedding_dim: Option<usize>,
+    /// Stage widths of a new model, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_WIDTHS.to_vec())]
+    pub widths: Vec<i64>,
+    /// Model name written to model.toml (default: "resnet-small", or the --init model's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Largest random translation in pixels (random crop with padding); 0 disables.
+    #[arg(long, default_value_t = 2)]
+    pub max_shift: usize,
+    /// Random horizontal flips.
+    #[arg(long)]
+    pub flip: bool,
+    /// Contrastive loss margin on cosine similarity.
+    #[arg(long, default_value_t = DEFAULT_MARGIN)]
+    pub margin: f64,
+    /// Device: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// libtorch intra-op threads (default: the number of CPUs).
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+fn is_gray(image: &DynamicImage) -> bool {
+    matches!(
+        image,
+        DynamicImage::ImageLuma8(_)
+            | DynamicImage::ImageLumaA8(_)
+            | DynamicImage::ImageLuma16(_)
+            | DynamicImage::ImageLumaA16(_)
+    )
+}
+
+/// Input geometry of a new model from the data (and `--image-size`), with mean 0 / std 1.
+fn raw_input_spec(dataset: &Dataset, image_size: Option<usize>) -> anyhow::Result<InputSpec> {
+    let first = &dataset.samples.first().context("empty dataset")?.image;
+    let channels = if dataset.samples.iter().all(|s| is_gray(&s.image)) {
+        1
+    } else {
+        3
+    };
+    let (height, width) = match image_size {
+        Some(side) if side > 0 => (side, side),
+        Some(_) => anyhow::bail!("--image-size must be positive"),
+        None => (first.height() as usize, first.width() as usize),
+    };
+    Ok(InputSpec {
+        channels,
+        height,
+        width,
+        mean: vec![0.0; channels],
+        std: vec![1.0; channels],
+    })
+}
+
+/// Preprocesses every sample with `input`; with `fit_normalisation`, first measures the
+/// per-channel mean and std of the pixels (scaled to [0, 1]) and stores them in `input`.
+fn preprocess(dataset: &Dataset, input: &mut InputSpec, fit_normalisation: bool) -> Vec<f32> {
+    let target = input.clone();
+    let raw_spec = InputSpec {
+        mean: vec![0.0; input.channels],
+        std: vec![1.0; input.channels],
+        ..target.clone()
+    };
+    let spec = if fit_normalisation {
+        &raw_spec
+    } else {
+        &target
+    };
+    let mut values = Vec::with_capacity(dataset.len() * input.numel());
+    for sample in &dataset.samples {
+        values.extend(image_to_input(&sample.image, spec));
+    }
+    if fit_normalisation {
+        let plane = input.height * input.width;
+        let mut sums = vec![(0f64, 0f64); input.channels];
+        for image in values.chunks(input.numel()) {
+            for (c, sum) in sums.iter_mut().enumerate() {
+                for &v in &image[c * plane..(c + 1) * plane] {
+                    sum.0 += v as f64;
+                    sum.1 += (v as f64) * (v as f64);
+                }
+            }
+        }
+        let count = (dataset.len() * plane).max(1) as f64;
+        input.mean = sums.iter().map(|s| (s.0 / count) as f32).collect();
+        input.std = sums
+            .iter()
+            .map(|s| {
+                let mean = s.0 / count;
+                ((s.1 / count - mean * mean).max(0.0).sqrt() as f32).max(1e-3)
+            })
+            .collect();
+        for image in values.chunks_mut(input.numel()) {
+            for c in 0..input.channels {
+                for v in &mut image[c * plane..(c + 1) * plane] {
+                    *v = (*v - input.mean[c]) / input.std[c];
+                }
+            }
+        }
+    }
+    values
+}
+
+/// Runs `crossbatch train`.
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
+    tch::set_num_threads(threads.max(1));
+    tch::manual_seed(args.seed as i64);
+    let device = crate::model::parse_device(&args.device)?;
+    let dataset = data::load(&args.dataset)?;
+
+    let (mut trainer, values, input) = match &args.init {
+        Some(dir) => {
+            if args.embedding_dim.is_some() || args.image_size.is_some() {
+                anyhow::bail!(
+                    "--embedding-dim and --image-size apply to new models, not to --init"
+                );
+            }
+            let trainer = Trainer::from_dir(dir, device, args.lr, args.margin)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            let mut input = trainer.spec().input.clone();
+            let values = preprocess(&dataset, &mut input, false);
+            (trainer, values, input)
+        }
+        None => {
+            let mut input = raw_input_spec(&dataset, args.image_size)?;
+            let values = preprocess(&dataset, &mut input, true);
+            let spec = ModelSpec {
+                name: ARCHITECTURE.into(),
+                format: ModelFormat::Builtin,
+                architecture: ARCHITECTURE.into(),
+                widths: args.widths.clone(),
+                input: input.clone(),
+                embedding_dim: args.embedding_dim.unwrap_or(128),
+                weights: WEIGHTS_FILE.into(),
+            };
+            (
+                Trainer::new(spec, device, args.lr, args.margin)?,
+                values,
+                input,
+            )
+        }
+    };
+    if let Some(name) = &args.name {
+        trainer.set_name(name);
+    }
+
+    let mut class_names: Vec<String> = dataset.labels();
+    class_names.sort();
+    class_names.dedup();
+    let classes: Vec<usize> = dataset
+        .samples
+        .iter()
+        .map(|s| class_names.binary_search(&s.label).unwrap_or(0))
+        .collect();
+    let per_class = args.per_class.max(1);
+    let p = (args.batch_size / per_class).clamp(1, class_names.len().max(1));
+    let k = (args.batch_size / p).max(1);
+    if class_names.len() < 2 {
+        anyhow::bail!(
+            "training needs at least 2 classes, the data has {}",
+            class_names.len()
+        );
+    }
+    let config = TrainConfig {
+        steps: args.steps,
+        classes_per_batch: p,
+        per_class: k,
+        lr: args.lr,
+        warmup_fraction: 0.05,
+        seed: args.seed,
+        augment: Augment {
+            max_shift: args.max_shift,
+            flip: args.flip,
+            fill: input
+                .mean
+                .iter()
+                .zip(&input.std)
+                .map(|(m, s)| -m / s)
+                .collect(),
+        },
+        progress: true,
+    };
+    let data = TrainData {
+        values,
+        shape: input.shape(),
+        classes,
+        class_names,
+    };
+    eprintln!(
+        "training {} ({:?}, widths {:?}, dim {}) on {} images of {:?}, {} classes; batches {p}×{k}, {} steps, device {device:?}, {threads} threads",
+        trainer.spec().name,
+        trainer.spec().architecture,
+        trainer.spec().widths,
+        trainer.spec().embedding_dim,
+        data.len(),
+        data.shape,
+        data.class_names.len(),
+        config.steps,
+    );
+    let summary = offline::train(&mut trainer, &data, &config)?;
+    trainer.save(&args.out)?;
+    eprintln!(
+        "trained {} steps in {:.1} s (loss {:.4} → {:.4}); wrote {}",
+        summary.steps,
+        summary.seconds,
+        summary.first_loss,
+        summary.last_loss,
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    #[test]
+    fn arguments_parse() {
+        let w = Wrap::parse_from([
+            "train", "--format", "idx", "--out", "m", "--steps", "5", "--widths", "8,16", "--flip",
+            "data.gz",
+        ]);
+        assert_eq!(w.args.steps, 5);
+        assert_eq!(w.args.widths, vec![8, 16]);
+        assert!(w.args.flip);
+        assert_eq!(w.args.dataset.path, PathBuf::from("data.gz"));
+        assert_eq!(
+            Wrap::parse_from(["train", "--out", "m", "x"]).args.widths,
+            DEFAULT_WIDTHS.to_vec()
+        );
+    }
+}

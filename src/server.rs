@@ -1,0 +1,270 @@
+//! Server assembly: opens the store, binds the port, loads the first generation in the
+//! background (so `/healthz` answers while `/readyz` is still 503), and shuts down gracefully.
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::api::{self, input::values_from_stored, AppState};
+use crate::config::Config;
+use crate::embed::{BatchingLimits, Embedder};
+use crate::index::VectorIndex;
+use crate::metrics::Metrics;
+use crate::model::spec::ModelSpec;
+use crate::registry::{Generation, Registry};
+use crate::store::Store;
+
+/// Store meta key: fingerprint of the model that made the stored embeddings.
+const META_MODEL_FINGERPRINT: &str = "model_fingerprint";
+/// Store meta key: version number of that model.
+const META_MODEL_VERSION: &str = "model_version";
+/// Stored embeddings inserted into the index per parallel batch at start-up.
+const REBUILD_BATCH: usize = 4096;
+/// Items re-embedded per batch when the model changed.
+const REEMBED_BATCH: usize = 256;
+
+/// A server started by [`start`].
+pub struct RunningServer {
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+    /// Shared state, for in-process callers such as the benchmark.
+    pub state: AppState,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting connections and waits for in-flight requests to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        self.task.await??;
+        Ok(())
+    }
+
+    /// Waits until the server ends (after a shutdown signal).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Binds the port and starts serving; the model and index load in the background.
+/// `shutdown_signal` ends the server gracefully when it completes.
+pub async fn start(
+    config: Config,
+    shutdown_signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<RunningServer> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new()?);
+    let data_dir = config.server.data_dir.clone();
+    let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??);
+    let state = AppState {
+        config: config.clone(),
+        metrics: metrics.clone(),
+        store: store.clone(),
+        registry: Arc::new(Registry::new()),
+        write_lock: Arc::new(Mutex::new(())),
+    };
+    let listener = tokio::net::TcpListener::bind(&config.server.addr).await?;
+    let addr = listener.local_addr()?;
+
+    let loader_state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = load_first_generation(&loader_state) {
+            tracing::error!("start-up failed: {e:#}");
+            std::process::exit(1);
+        }
+    });
+
+    spawn_compactor(Arc::downgrade(&state.registry));
+
+    let (shutdown, stop_requested) = tokio::sync::oneshot::channel::<()>();
+    let router = api::router(state.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    _ = shutdown_signal => {}
+                    _ = stop_requested => {}
+                }
+            })
+            .await
+    });
+    Ok(RunningServer {
+        addr,
+        state,
+        shutdown,
+        task,
+    })
+}
+
+/// How often the background compactor checks the live index's tombstone fraction.
+const COMPACTION_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Rebuilds the live index in the background whenever deleted and replaced points pass the
+/// index's tombstone threshold; stops when the registry is dropped.
+fn spawn_compactor(registry: std::sync::Weak<Registry>) {
+    let spawned = std::thread::Builder::new()
+        .name("index-compactor".into())
+        .spawn(move || loop {
+            std::thread::sleep(COMPACTION_CHECK_INTERVAL);
+            let Some(registry) = registry.upgrade() else {
+                return;
+            };
+            if let Some(generation) = registry.live() {
+                let started = Instant::now();
+                if generation.index.maybe_compact() {
+                    tracing::info!(
+                        seconds = started.elapsed().as_secs_f64(),
+                        items = generation.index.len(),
+                        "index compacted"
+                    );
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("index compaction thread not started: {e}");
+    }
+}
+
+/// Loads the model, re-embeds the gallery if the model changed since the embeddings were
+/// stored, rebuilds the index from the store and publishes the generation (ready).
+fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
+    let config = &state.config;
+    let limits = BatchingLimits {
+        max_batch: config.batching.max_batch.max(1),
+        max_wait: Duration::from_millis(config.batching.max_wait_ms),
+        queue_capacity: config.batching.queue_capacity.max(1),
+    };
+    if config.model.threads > 0 {
+        tch::set_num_threads(config.model.threads as i32);
+    }
+    let (embedder, info) = Embedder::start(
+        &config.model.dir,
+        &config.model.device,
+        limits,
+        state.metrics.clone(),
+    )?;
+    tracing::info!(model = %info.spec.name, device = %info.device, "model loaded and warm");
+
+    let store = &state.store;
+    let fingerprint = model_fingerprint(&config.model.dir, &info.spec)?;
+    let stored_version: u64 = store
+        .get_meta(META_MODEL_VERSION)?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let version =
+        if store.get_meta(META_MODEL_FINGERPRINT)?.as_deref() == Some(fingerprint.as_str()) {
+            stored_version
+        } else {
+            let version = stored_version + 1;
+            reembed_gallery(store, &embedder, &info.spec, version)?;
+            store.set_meta(META_MODEL_VERSION, &version.to_string())?;
+            store.set_meta(META_MODEL_FINGERPRINT, &fingerprint)?;
+            version
+        };
+
+    let started = Instant::now();
+    let index = Arc::new(VectorIndex::new(
+        info.spec.embedding_dim,
+        config.index.clone(),
+    ));
+    let mut rows = Vec::with_capacity(REBUILD_BATCH);
+    let insert = |rows: &mut Vec<crate::store::EmbeddingRow>| -> anyhow::Result<()> {
+        let batch: Vec<_> = rows
+            .iter()
+            .map(|r| (r.id.as_str(), r.label.as_deref(), r.embedding.as_slice()))
+            .collect();
+        index.upsert_batch(&batch)?;
+        rows.clear();
+        Ok(())
+    };
+    // The index never calls back into the store, so inserting inside the scan is safe.
+    store.for_each_embedding(|row| {
+        rows.push(row);
+        if rows.len() == REBUILD_BATCH {
+            insert(&mut rows)?;
+        }
+        Ok::<(), anyhow::Error>(())
+    })?;
+    insert(&mut rows)?;
+    state
+        .metrics
+        .index_rebuild_seconds
+        .set(started.elapsed().as_secs_f64());
+    state.metrics.index_items.set(index.len() as i64);
+    state
+        .metrics
+        .model_info
+        .with_label_values(&[&info.spec.name, &version.to_string(), &info.device])
+        .set(1.0);
+    tracing::info!(items = index.len(), version, "index rebuilt; ready");
+    state.registry.publish(Generation {
+        version,
+        info,
+        embedder,
+        index,
+    });
+    Ok(())
+}
+
+/// Re-embeds every stored item with a model that differs from the one that made the stored
+/// embeddings, so the index never mixes two models.
+fn reembed_gallery(
+    store: &Store,
+    embedder: &Embedder,
+    spec: &ModelSpec,
+    version: u64,
+) -> anyhow::Result<()> {
+    let mut pending: Vec<(String, Vec<f32>)> = Vec::with_capacity(REEMBED_BATCH);
+    let mut total = 0usize;
+    let mut flush = |pending: &mut Vec<(String, Vec<f32>)>| -> anyhow::Result<()> {
+        let (ids, values): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
+        let vectors = embedder.embed_blocking(values)?;
+        let rows: Vec<_> = ids
+            .into_iter()
+            .zip(vectors)
+            .map(|(id, v)| (id, v, version))
+            .collect();
+        store.put_embeddings(&rows)?;
+        total += rows.len();
+        Ok(())
+    };
+    let mut inputs = Vec::new();
+    store.for_each_input(|row| {
+        inputs.push(row);
+        Ok::<(), anyhow::Error>(())
+    })?;
+    for row in inputs {
+        let values = values_from_stored(&row.input, &row.input_kind, &spec.input)
+            .map_err(|e| anyhow::anyhow!("stored item {} cannot be re-embedded: {e}", row.id))?;
+        pending.push((row.id, values));
+        if pending.len() == REEMBED_BATCH {
+            flush(&mut pending)?;
+        }
+    }
+    if !pending.is_empty() {
+        flush(&mut pending)?;
+    }
+    tracing::info!(
+        items = total,
+        version,
+        "gallery re-embedded for a new model"
+    );
+    Ok(())
+}
+
+/// FNV-1a over `model.toml` and the weights: identifies a model's exact contents.
+fn model_fingerprint(dir: &Path, spec: &ModelSpec) -> anyhow::Result<String> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for file in [
+        dir.join(crate::model::spec::SPEC_FILE),
+        dir.join(&spec.weights),
+    ] {
+        for byte in std::fs::read(&file)? {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(format!("{hash:016x}"))
+}

@@ -1,0 +1,800 @@
+//! Durable item store: one SQLite database (`crossbatch.db`) in the data directory.
+//!
+//! The store is the source of truth; the vector index is a cache derived from it and rebuilt
+//! at start-up with [`Store::for_each_embedding`]. The database runs in WAL mode with
+//! `synchronous=FULL`, so every write method is durable when it returns: a `kill -9` right
+//! after cannot lose it.
+//!
+//! Every item write (upsert, delete, embedding replacement) takes the next value of one global,
+//! monotonically increasing sequence number that is stored in the database and so survives
+//! restarts ([`Store::last_seq`]).
+//!
+//! [`Store`] wraps a single connection behind a [`Mutex`]; call it from blocking threads only
+//! (e.g. `tokio::task::spawn_blocking`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE_NAME: &str = "crossbatch.db";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS items (
+    id            TEXT PRIMARY KEY NOT NULL,
+    label         TEXT,
+    metadata      TEXT NOT NULL,
+    input         BLOB NOT NULL,
+    input_kind    TEXT NOT NULL,
+    embedding     BLOB NOT NULL,
+    model_version INTEGER NOT NULL,
+    seq           INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_label ON items(label) WHERE label IS NOT NULL;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sequence (
+    id    INTEGER PRIMARY KEY CHECK (id = 0),
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO sequence (id, value) VALUES (0, 0);
+";
+
+/// Errors returned by [`Store`].
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    Io {
+        /// The directory that could not be created.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An SQLite error (I/O, constraint, corruption, ...).
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A (de)serialisation error for metadata or the input kind.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// An item given to a write method is invalid; nothing of that call was written.
+    #[error("invalid item {id:?}: {reason}")]
+    InvalidItem {
+        /// The offending item id.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A stored row could not be decoded.
+    #[error("corrupt row {id:?}: {reason}")]
+    Corrupt {
+        /// The id of the row.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The database was opened in a journal mode other than WAL.
+    #[error("could not enable WAL journal mode (got {0:?})")]
+    JournalMode(String),
+}
+
+/// What the raw `input` bytes of an item are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InputKind {
+    /// An encoded image (PNG or JPEG bytes).
+    Image,
+    /// A tensor of `f32`, little-endian, row-major, with this shape.
+    Tensor {
+        /// Dimensions of the tensor.
+        shape: Vec<usize>,
+    },
+}
+
+/// An item to insert or replace with [`Store::upsert_items`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewItem {
+    /// Caller-chosen unique id; an existing item with this id is replaced.
+    pub id: String,
+    /// Optional class label (used for filtering and training).
+    pub label: Option<String>,
+    /// Arbitrary JSON metadata returned with search results.
+    pub metadata: serde_json::Value,
+    /// Raw input bytes (see [`InputKind`]), kept so items can be re-embedded.
+    pub input: Vec<u8>,
+    /// How to interpret `input`.
+    pub input_kind: InputKind,
+    /// The embedding of `input` under model `model_version` (non-empty, finite).
+    pub embedding: Vec<f32>,
+    /// Version of the model that produced `embedding`.
+    pub model_version: u64,
+}
+
+/// An item as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredItem {
+    /// Unique id.
+    pub id: String,
+    /// Optional class label.
+    pub label: Option<String>,
+    /// JSON metadata.
+    pub metadata: serde_json::Value,
+    /// Raw input bytes.
+    pub input: Vec<u8>,
+    /// How to interpret `input`.
+    pub input_kind: InputKind,
+    /// Current embedding.
+    pub embedding: Vec<f32>,
+    /// Version of the model that produced `embedding`.
+    pub model_version: u64,
+    /// Sequence number of the last write to this item.
+    pub seq: u64,
+}
+
+/// One live item's embedding, as yielded by [`Store::for_each_embedding`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingRow {
+    /// Item id.
+    pub id: String,
+    /// Optional class label.
+    pub label: Option<String>,
+    /// Current embedding.
+    pub embedding: Vec<f32>,
+    /// Version of the model that produced `embedding`.
+    pub model_version: u64,
+    /// Sequence number of the last write to this item.
+    pub seq: u64,
+}
+
+/// One live item's input, as yielded by [`Store::for_each_input`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputRow {
+    /// Item id.
+    pub id: String,
+    /// Optional class label.
+    pub label: Option<String>,
+    /// Raw input bytes.
+    pub input: Vec<u8>,
+    /// How to interpret `input`.
+    pub input_kind: InputKind,
+}
+
+/// The durable item store (see the module documentation).
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn embedding_to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_to_embedding(id: &str, bytes: &[u8]) -> Result<Vec<f32>, StoreError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(StoreError::Corrupt {
+            id: id.to_owned(),
+            reason: format!("embedding blob of {} bytes", bytes.len()),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+fn to_i64(id: &str, what: &str, v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::InvalidItem {
+        id: id.to_owned(),
+        reason: format!("{what} {v} exceeds i64::MAX"),
+    })
+}
+
+fn to_u64(id: &str, what: &str, v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt {
+        id: id.to_owned(),
+        reason: format!("negative {what} {v}"),
+    })
+}
+
+fn validate_embedding(id: &str, embedding: &[f32]) -> Result<(), StoreError> {
+    if embedding.is_empty() {
+        return Err(StoreError::InvalidItem {
+            id: id.to_owned(),
+            reason: "empty embedding".into(),
+        });
+    }
+    if embedding.iter().any(|x| !x.is_finite()) {
+        return Err(StoreError::InvalidItem {
+            id: id.to_owned(),
+            reason: "non-finite value in embedding".into(),
+        });
+    }
+    Ok(())
+}
+
+fn validate_item(item: &NewItem) -> Result<(), StoreError> {
+    if item.id.is_empty() {
+        return Err(StoreError::InvalidItem {
+            id: String::new(),
+            reason: "empty id".into(),
+        });
+    }
+    validate_embedding(&item.id, &item.embedding)
+}
+
+/// Reads the current sequence value inside a transaction / connection.
+fn read_seq(conn: &Connection) -> Result<u64, StoreError> {
+    let v: i64 = conn.query_row("SELECT value FROM sequence WHERE id = 0", [], |r| r.get(0))?;
+    to_u64("<sequence>", "sequence", v)
+}
+
+fn write_seq(conn: &Connection, seq: u64) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE sequence SET value = ?1 WHERE id = 0",
+        params![to_i64("<sequence>", "sequence", seq)?],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `data_dir`: creates the directory and
+    /// `crossbatch.db`, enables WAL with `synchronous=FULL` and creates the schema.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE_NAME);
+        let conn = Connection::open(&path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::JournalMode(mode));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Locks the connection. A poisoned lock is recovered: any transaction that was open when
+    /// the panic happened was rolled back when it was dropped.
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Inserts or replaces `items` in one transaction; each item takes the next sequence
+    /// number. Returns the last sequence number (the current one when `items` is empty).
+    /// On error nothing of the batch is written.
+    pub fn upsert_items(&self, items: &[NewItem]) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        if items.is_empty() {
+            return read_seq(&conn);
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut seq = read_seq(&tx)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO items
+                 (id, label, metadata, input, input_kind, embedding, model_version, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for item in items {
+                validate_item(item)?;
+                seq += 1;
+                stmt.execute(params![
+                    item.id,
+                    item.label,
+                    serde_json::to_string(&item.metadata)?,
+                    item.input,
+                    serde_json::to_string(&item.input_kind)?,
+                    embedding_to_bytes(&item.embedding),
+                    to_i64(&item.id, "model_version", item.model_version)?,
+                    to_i64(&item.id, "sequence", seq)?,
+                ])?;
+            }
+        }
+        write_seq(&tx, seq)?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// Returns the item with this id, if any.
+    pub fn get_item(&self, id: &str) -> Result<Option<StoredItem>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT label, metadata, input, input_kind, embedding, model_version, seq
+             FROM items WHERE id = ?1",
+        )?;
+        type Raw = (Option<String>, String, Vec<u8>, String, Vec<u8>, i64, i64);
+        let raw: Option<Raw> = stmt
+            .query_row(params![id], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .optional()?;
+        let Some((label, metadata, input, kind, emb, version, seq)) = raw else {
+            return Ok(None);
+        };
+        Ok(Some(StoredItem {
+            id: id.to_owned(),
+            label,
+            metadata: serde_json::from_str(&metadata)?,
+            input,
+            input_kind: serde_json::from_str(&kind)?,
+            embedding: bytes_to_embedding(id, &emb)?,
+            model_version: to_u64(id, "model_version", version)?,
+            seq: to_u64(id, "sequence", seq)?,
+        }))
+    }
+
+    /// Deletes the item; returns `true` when it existed (and then consumes a sequence number).
+    pub fn delete_item(&self, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute("DELETE FROM items WHERE id = ?1", params![id])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let seq = read_seq(&tx)? + 1;
+        write_seq(&tx, seq)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Number of live items.
+    pub fn item_count(&self) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?;
+        to_u64("<count>", "count", n)
+    }
+
+    /// The last sequence number handed out (0 for a fresh store).
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        read_seq(&self.conn())
+    }
+
+    /// Streams `(id, label, embedding, model_version, seq)` of every live item, ordered by id,
+    /// without loading input bytes. Runs on one consistent snapshot and holds the store lock
+    /// throughout: `f` must not call back into this `Store` (it would deadlock).
+    /// Stops at the first error returned by `f`.
+    pub fn for_each_embedding<E, F>(&self, mut f: F) -> Result<(), E>
+    where
+        F: FnMut(EmbeddingRow) -> Result<(), E>,
+        E: From<StoreError>,
+    {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(StoreError::from)?;
+        let mut stmt = tx
+            .prepare("SELECT id, label, embedding, model_version, seq FROM items ORDER BY id")
+            .map_err(StoreError::from)?;
+        let mut rows = stmt.query([]).map_err(StoreError::from)?;
+        while let Some(r) = rows.next().map_err(StoreError::from)? {
+            let row = (|| -> Result<EmbeddingRow, StoreError> {
+                let id: String = r.get(0)?;
+                let emb: Vec<u8> = r.get(2)?;
+                let version: i64 = r.get(3)?;
+                let seq: i64 = r.get(4)?;
+                Ok(EmbeddingRow {
+                    embedding: bytes_to_embedding(&id, &emb)?,
+                    label: r.get(1)?,
+                    model_version: to_u64(&id, "model_version", version)?,
+                    seq: to_u64(&id, "sequence", seq)?,
+                    id,
+                })
+            })()?;
+            f(row)?;
+        }
+        Ok(())
+    }
+
+    /// Streams `(id, label, input, input_kind)` of every live item, ordered by id (for
+    /// re-embedding). Same locking rules as [`Store::for_each_embedding`].
+    pub fn for_each_input<E, F>(&self, mut f: F) -> Result<(), E>
+    where
+        F: FnMut(InputRow) -> Result<(), E>,
+        E: From<StoreError>,
+    {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(StoreError::from)?;
+        let mut stmt = tx
+            .prepare("SELECT id, label, input, input_kind FROM items ORDER BY id")
+            .map_err(StoreError::from)?;
+        let mut rows = stmt.query([]).map_err(StoreError::from)?;
+        while let Some(r) = rows.next().map_err(StoreError::from)? {
+            let row = (|| -> Result<InputRow, StoreError> {
+                let kind: String = r.get(3)?;
+                Ok(InputRow {
+                    id: r.get(0)?,
+                    label: r.get(1)?,
+                    input: r.get(2)?,
+                    input_kind: serde_json::from_str(&kind)?,
+                })
+            })()?;
+            f(row)?;
+        }
+        Ok(())
+    }
+
+    /// Label and metadata of each of `ids` that exists (missing ids are simply absent from
+    /// the map). Used to join search hits.
+    pub fn labels_and_metadata(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, (Option<String>, serde_json::Value)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT label, metadata FROM items WHERE id = ?1")?;
+        let mut out = HashMap::with_capacity(ids.len());
+        for id in ids {
+            if out.contains_key(id) {
+                continue;
+            }
+            let row: Option<(Option<String>, String)> = stmt
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((label, metadata)) = row {
+                out.insert(id.clone(), (label, serde_json::from_str(&metadata)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `(id, label)` of every labelled item, ordered by id (for the trainer's sampler).
+    pub fn labelled_examples(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT id, label FROM items WHERE label IS NOT NULL ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Replaces the embeddings (and model versions) of existing items in one transaction,
+    /// each updated item taking the next sequence number. Ids that no longer exist are
+    /// skipped. Returns how many items were updated. On error nothing is written.
+    pub fn put_embeddings(&self, rows: &[(String, Vec<f32>, u64)]) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut seq = read_seq(&tx)?;
+        let mut updated = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE items SET embedding = ?2, model_version = ?3, seq = ?4 WHERE id = ?1",
+            )?;
+            for (id, embedding, version) in rows {
+                validate_embedding(id, embedding)?;
+                let n = stmt.execute(params![
+                    id,
+                    embedding_to_bytes(embedding),
+                    to_i64(id, "model_version", *version)?,
+                    to_i64(id, "sequence", seq + 1)?,
+                ])?;
+                if n > 0 {
+                    seq += 1;
+                    updated += 1;
+                }
+            }
+        }
+        write_seq(&tx, seq)?;
+        tx.commit()?;
+        Ok(updated)
+    }
+
+    /// Reads a value from the key/value `meta` table.
+    pub fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// Durably sets a value in the key/value `meta` table (does not consume a sequence number).
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn item(id: &str, label: Option<&str>, emb: Vec<f32>) -> NewItem {
+        NewItem {
+            id: id.into(),
+            label: label.map(Into::into),
+            metadata: json!({ "id": id, "n": emb.len() }),
+            input: id.as_bytes().to_vec(),
+            input_kind: InputKind::Tensor {
+                shape: vec![1, id.len()],
+            },
+            embedding: emb,
+            model_version: 1,
+        }
+    }
+
+    fn all_embeddings(store: &Store) -> Vec<EmbeddingRow> {
+        let mut out = Vec::new();
+        store
+            .for_each_embedding(|r| {
+                out.push(r);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn upsert_get_replace_delete_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.last_seq().unwrap(), 0);
+        assert_eq!(store.get_item("a").unwrap(), None);
+
+        let mut a = item("a", Some("cat"), vec![0.5, -1.25, 3.0]);
+        a.input_kind = InputKind::Image;
+        let b = item("b", None, vec![1.0, 2.0, 3.0]);
+        assert_eq!(store.upsert_items(&[a.clone(), b.clone()]).unwrap(), 2);
+        assert_eq!(store.item_count().unwrap(), 2);
+
+        let got = store.get_item("a").unwrap().unwrap();
+        assert_eq!(got.id, "a");
+        assert_eq!(got.label.as_deref(), Some("cat"));
+        assert_eq!(got.metadata, a.metadata);
+        assert_eq!(got.input, a.input);
+        assert_eq!(got.input_kind, InputKind::Image);
+        assert_eq!(got.embedding, a.embedding);
+        assert_eq!(got.model_version, 1);
+        assert_eq!(got.seq, 1);
+        let got_b = store.get_item("b").unwrap().unwrap();
+        assert_eq!(got_b.input_kind, b.input_kind);
+        assert_eq!(got_b.seq, 2);
+
+        // Replace "a": new content, new seq, count unchanged.
+        let mut a2 = item("a", Some("dog"), vec![9.0, 8.0]);
+        a2.model_version = 7;
+        a2.metadata = json!({"replaced": true});
+        assert_eq!(store.upsert_items(&[a2.clone()]).unwrap(), 3);
+        assert_eq!(store.item_count().unwrap(), 2);
+        let got = store.get_item("a").unwrap().unwrap();
+        assert_eq!(got.label.as_deref(), Some("dog"));
+        assert_eq!(got.embedding, vec![9.0, 8.0]);
+        assert_eq!(got.model_version, 7);
+        assert_eq!(got.metadata, json!({"replaced": true}));
+        assert_eq!(got.seq, 3);
+
+        assert!(store.delete_item("a").unwrap());
+        assert_eq!(store.last_seq().unwrap(), 4);
+        assert!(!store.delete_item("a").unwrap());
+        assert_eq!(store.last_seq().unwrap(), 4, "no-op delete takes no seq");
+        assert_eq!(store.get_item("a").unwrap(), None);
+        assert_eq!(store.item_count().unwrap(), 1);
+        assert_eq!(store.upsert_items(&[]).unwrap(), 4);
+    }
+
+    #[test]
+    fn seq_is_monotonic_and_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut last = 0;
+        for round in 0..3u64 {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.last_seq().unwrap(), last, "seq survives reopen");
+            let id = format!("item{round}");
+            let s = store
+                .upsert_items(&[item(&id, Some("x"), vec![round as f32 + 1.0])])
+                .unwrap();
+            assert!(s > last);
+            last = s;
+            store.upsert_items(&[item("tmp", None, vec![1.0])]).unwrap();
+            assert!(store.delete_item("tmp").unwrap());
+            assert_eq!(store.last_seq().unwrap(), last + 2);
+            last += 2;
+            let n = store
+                .put_embeddings(&[
+                    (id.clone(), vec![42.0], 2),
+                    ("missing".into(), vec![1.0], 2),
+                ])
+                .unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(store.last_seq().unwrap(), last + 1);
+            last += 1;
+            let got = store.get_item(&id).unwrap().unwrap();
+            assert_eq!(got.seq, last);
+            assert_eq!(got.embedding, vec![42.0]);
+            assert_eq!(got.model_version, 2);
+            store.set_meta("round", &round.to_string()).unwrap();
+            drop(store);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.last_seq().unwrap(), last);
+        assert_eq!(store.get_meta("round").unwrap().as_deref(), Some("2"));
+        assert_eq!(store.get_meta("nope").unwrap(), None);
+        let ids: Vec<String> = all_embeddings(&store).into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec!["item0", "item1", "item2"]);
+        let got = store.get_item("item1").unwrap().unwrap();
+        assert_eq!(got.label.as_deref(), Some("x"));
+        assert_eq!(got.metadata, json!({"id": "item1", "n": 1}));
+        assert_eq!(got.embedding, vec![42.0]);
+    }
+
+    #[test]
+    fn failed_batch_leaves_store_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .upsert_items(&[item("keep", Some("a"), vec![1.0, 2.0])])
+            .unwrap();
+        let before_seq = store.last_seq().unwrap();
+        // First item is valid (and replaces an existing one), second is invalid: the whole
+        // transaction must roll back.
+        let bad = vec![
+            item("keep", Some("changed"), vec![5.0, 5.0]),
+            item("new", None, vec![1.0]),
+            item("nan", None, vec![f32::NAN]),
+        ];
+        let err = store.upsert_items(&bad).unwrap_err();
+        assert!(matches!(err, StoreError::InvalidItem { ref id, .. } if id == "nan"));
+        let empty = vec![item("x", None, vec![1.0]), item("y", None, vec![])];
+        assert!(store.upsert_items(&empty).is_err());
+        let bad_emb = vec![
+            ("keep".to_string(), vec![3.0], 9),
+            ("keep".to_string(), vec![f32::INFINITY], 9),
+        ];
+        assert!(store.put_embeddings(&bad_emb).is_err());
+
+        assert_eq!(store.last_seq().unwrap(), before_seq);
+        assert_eq!(store.item_count().unwrap(), 1);
+        let got = store.get_item("keep").unwrap().unwrap();
+        assert_eq!(got.label.as_deref(), Some("a"));
+        assert_eq!(got.embedding, vec![1.0, 2.0]);
+        assert_eq!(got.model_version, 1);
+        assert_eq!(store.get_item("new").unwrap(), None);
+        // The store still works after the failures.
+        assert_eq!(
+            store.upsert_items(&[item("new", None, vec![1.0])]).unwrap(),
+            before_seq + 1
+        );
+    }
+
+    #[test]
+    fn labels_metadata_and_examples() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .upsert_items(&[
+                item("b", Some("dog"), vec![1.0]),
+                item("a", Some("cat"), vec![1.0]),
+                item("c", None, vec![1.0]),
+            ])
+            .unwrap();
+        let ids: Vec<String> = ["a", "c", "zzz", "a"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let m = store.labels_and_metadata(&ids).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["a"], (Some("cat".into()), json!({"id": "a", "n": 1})));
+        assert_eq!(m["c"], (None, json!({"id": "c", "n": 1})));
+        assert_eq!(
+            store.labelled_examples().unwrap(),
+            vec![("a".into(), "cat".into()), ("b".into(), "dog".into())]
+        );
+        let mut inputs = Vec::new();
+        store
+            .for_each_input(|r| {
+                inputs.push(r);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        assert_eq!(inputs.len(), 3);
+        assert_eq!(inputs[1].id, "b");
+        assert_eq!(inputs[1].input, b"b".to_vec());
+        assert_eq!(inputs[1].label.as_deref(), Some("dog"));
+        assert_eq!(
+            inputs[1].input_kind,
+            InputKind::Tensor { shape: vec![1, 1] }
+        );
+    }
+
+    #[test]
+    fn for_each_embedding_sees_exactly_live_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut expected = std::collections::BTreeMap::new();
+        for i in 0..50u32 {
+            let emb = vec![i as f32, -(i as f32), 0.5];
+            store
+                .upsert_items(&[item(&format!("{i:03}"), Some("l"), emb.clone())])
+                .unwrap();
+            expected.insert(format!("{i:03}"), emb);
+        }
+        for i in (0..50u32).step_by(3) {
+            assert!(store.delete_item(&format!("{i:03}")).unwrap());
+            expected.remove(&format!("{i:03}"));
+        }
+        store
+            .upsert_items(&[item("007", None, vec![7.0, 7.0, 7.0])])
+            .unwrap();
+        expected.insert("007".into(), vec![7.0, 7.0, 7.0]);
+
+        let rows = all_embeddings(&store);
+        let got: std::collections::BTreeMap<String, Vec<f32>> = rows
+            .iter()
+            .map(|r| (r.id.clone(), r.embedding.clone()))
+            .collect();
+        assert_eq!(rows.len(), got.len(), "no duplicates");
+        assert_eq!(got, expected);
+        assert_eq!(store.item_count().unwrap(), expected.len() as u64);
+        let r7 = rows.iter().find(|r| r.id == "007").unwrap();
+        assert_eq!(r7.label, None);
+        assert_eq!(r7.seq, store.last_seq().unwrap());
+
+        // Errors from the callback stop the iteration and are returned.
+        let mut seen = 0;
+        let res: Result<(), StoreError> = store.for_each_embedding(|_| {
+            seen += 1;
+            if seen == 3 {
+                Err(StoreError::JournalMode("stop".into()))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(res.is_err());
+        assert_eq!(seen, 3);
+        // And the store is still usable afterwards.
+        assert_eq!(store.item_count().unwrap(), expected.len() as u64);
+    }
+
+    #[test]
+    fn wal_and_full_sync_are_enabled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let conn = store.conn();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode.to_lowercase(), "wal");
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL");
+    }
+}

@@ -1,0 +1,330 @@
+//! Pair losses on cosine similarity between a query set and a reference set.
+//!
+//! The same function serves the batch term (batch vs batch) and, later, the XBM memory term
+//! (batch vs memory): self-pairs are recognised by example id, never by similarity value.
+use tch::{Kind, Tensor};
+
+use super::TrainError;
+
+/// Margin of the contrastive loss used by XBM.
+pub const DEFAULT_MARGIN: f64 = 0.5;
+
+fn check_rows(
+    what: &str,
+    embeddings: &Tensor,
+    labels: &Tensor,
+    ids: &Tensor,
+) -> Result<i64, TrainError> {
+    let size = embeddings.size();
+    if size.len() != 2 {
+        return Err(TrainError::Shape(format!(
+            "{what} embeddings have shape {size:?}, expected [N, D]"
+        )));
+    }
+    for (name, t) in [("labels", labels), ("ids", ids)] {
+        if t.size() != [size[0]] {
+            return Err(TrainError::Shape(format!(
+                "{what} {name} have shape {:?}, expected [{}]",
+                t.size(),
+                size[0]
+            )));
+        }
+    }
+    Ok(size[0])
+}
+
+/// Contrastive loss on cosine similarity `s = q · r` (rows assumed L2-normalised).
+///
+/// For every query (anchor) and every reference with a different example id: a positive
+/// (same label) adds `1 − s`; a negative (different label) with `s > margin` adds `s`.
+/// The sum is divided by the number of queries. Pairs with equal ids are ignored.
+/// Returns a scalar; zero when there are no queries.
+pub fn contrastive_loss(
+    query: &Tensor,
+    query_labels: &Tensor,
+    query_ids: &Tensor,
+    reference: &Tensor,
+    ref_labels: &Tensor,
+    ref_ids: &Tensor,
+    margin: f64,
+) -> Result<Tensor, TrainError> {
+    let n = check_rows("query", query, query_labels, query_ids)?;
+    check_rows("reference", reference, ref_labels, ref_ids)?;
+    if query.size()[1] != reference.size()[1] {
+        return Err(TrainError::Shape(format!(
+            "query dimension {} differs from reference dimension {}",
+            query.size()[1],
+            reference.size()[1]
+        )));
+    }
+    if n == 0 {
+        return Ok(query.f_sum(query.kind())? * 0.0);
+    }
+    let sim = query.f_matmul(&reference.f_tr()?)?;
+    let same_label = query_labels
+        .f_view([-1, 1])?
+        .f_eq_tensor(&ref_labels.f_view([1, -1])?)?;
+    let other_id = query_ids
+        .f_view([-1, 1])?
+        .f_ne_tensor(&ref_ids.f_view([1, -1])?)?;
+    let positive = same_label.f_logical_and(&other_id)?.f_to_kind(sim.kind())?;
+    let hard_negative = same_label
+        .f_logical_not()?
+        .f_logical_and(&other_id)?
+        .f_logical_and(&sim.f_gt(margin)?)?
+        .f_to_kind(sim.kind())?;
+    let pos = ((sim.ones_like() - &sim) * positive).f_sum(sim.kind())?;
+    let neg = (&sim * hard_negative).f_sum(sim.kind())?;
+    Ok((pos + neg) / n as f64)
+}
+
+/// Pair counts of a query/reference set, for logging.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PairStats {
+    /// Number of positive pairs (same label, different id).
+    pub positives: i64,
+    /// Number of negatives with similarity above the margin (the ones that get a gradient).
+    pub active_negatives: i64,
+    /// Mean similarity of positive pairs.
+    pub mean_positive: f64,
+    /// Mean similarity of negative pairs.
+    pub mean_negative: f64,
+}
+
+/// Counts the pairs [`contrastive_loss`] sees (no gradients).
+pub fn pair_stats(
+    query: &Tensor,
+    query_labels: &Tensor,
+    query_ids: &Tensor,
+    reference: &Tensor,
+    ref_labels: &Tensor,
+    ref_ids: &Tensor,
+    margin: f64,
+) -> Result<PairStats, TrainError> {
+    check_rows("query", query, query_labels, query_ids)?;
+    check_rows("reference", reference, ref_labels, ref_ids)?;
+    tch::no_grad(|| {
+        let sim = query.f_matmul(&reference.f_tr()?)?;
+        let same_label = query_labels
+            .f_view([-1, 1])?
+            .f_eq_tensor(&ref_labels.f_view([1, -1])?)?;
+        let other_id = query_ids
+            .f_view([-1, 1])?
+            .f_ne_tensor(&ref_ids.f_view([1, -1])?)?;
+        let pos = same_label.f_logical_and(&other_id)?;
+        let neg = same_label.f_logical_not()?.f_logical_and(&other_id)?;
+        let count = |m: &Tensor| m.f_sum(Kind::Int64).map(|t| t.int64_value(&[]));
+        let mean = |m: &Tensor| -> Result<f64, TrainError> {
+            let c = count(m)?;
+            if c == 0 {
+                return Ok(0.0);
+            }
+            let s = (&sim * m.f_to_kind(sim.kind())?).f_sum(Kind::Double)?;
+            Ok(s.double_value(&[]) / c as f64)
+        };
+        Ok(PairStats {
+            positives: count(&pos)?,
+            active_negatives: count(&neg.f_logical_and(&sim.f_gt(margin)?)?)?,
+            mean_positive: mean(&pos)?,
+            mean_negative: mean(&neg)?,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use tch::Device;
+
+    /// Plain-Rust reference: double loops over all pairs.
+    fn brute_force(
+        q: &[Vec<f64>],
+        ql: &[i64],
+        qi: &[i64],
+        r: &[Vec<f64>],
+        rl: &[i64],
+        ri: &[i64],
+        margin: f64,
+    ) -> f64 {
+        let mut total = 0.0;
+        for a in 0..q.len() {
+            for b in 0..r.len() {
+                if qi[a] == ri[b] {
+                    continue;
+                }
+                let s: f64 = q[a].iter().zip(&r[b]).map(|(x, y)| x * y).sum();
+                if ql[a] == rl[b] {
+                    total += 1.0 - s;
+                } else if s > margin {
+                    total += s;
+                }
+            }
+        }
+        total / q.len() as f64
+    }
+
+    fn unit_rows(rng: &mut rand::rngs::StdRng, n: usize, d: usize) -> Vec<Vec<f64>> {
+        (0..n)
+            .map(|_| {
+                let v: Vec<f64> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                v.into_iter().map(|x| x / norm).collect()
+            })
+            .collect()
+    }
+
+    fn tensor(rows: &[Vec<f64>]) -> Tensor {
+        let flat: Vec<f64> = rows.concat();
+        Tensor::from_slice(&flat).view([rows.len() as i64, -1])
+    }
+
+    #[test]
+    fn matches_brute_force_batch_vs_batch_and_vs_memory() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        // Low dimension so that many negatives exceed the margin.
+        let q = unit_rows(&mut rng, 9, 3);
+        let ql: Vec<i64> = (0..9).map(|i| i % 3).collect();
+        let qi: Vec<i64> = (100..109).collect();
+        // Batch vs batch: every anchor meets itself, which must be masked by id.
+        let got = contrastive_loss(
+            &tensor(&q),
+            &Tensor::from_slice(&ql),
+            &Tensor::from_slice(&qi),
+            &tensor(&q),
+            &Tensor::from_slice(&ql),
+            &Tensor::from_slice(&qi),
+            0.5,
+        )
+        .unwrap()
+        .double_value(&[]);
+        let want = brute_force(&q, &ql, &qi, &q, &ql, &qi, 0.5);
+        assert!((got - want).abs() < 1e-10, "{got} vs {want}");
+
+        // Batch vs memory: the memory holds two of the batch's ids (must be masked) and a
+        // genuine duplicate embedding under a new id (must count).
+        let mut r = unit_rows(&mut rng, 12, 3);
+        r.push(q[0].clone());
+        let mut rl: Vec<i64> = (0..12).map(|i| i % 4).collect();
+        rl.push(ql[0]);
+        let mut ri: Vec<i64> = (0..12).collect();
+        ri[3] = 102;
+        ri[7] = 105;
+        ri.push(999);
+        let got = contrastive_loss(
+            &tensor(&q),
+            &Tensor::from_slice(&ql),
+            &Tensor::from_slice(&qi),
+            &tensor(&r),
+            &Tensor::from_slice(&rl),
+            &Tensor::from_slice(&ri),
+            0.5,
+        )
+        .unwrap()
+        .double_value(&[]);
+        let want = brute_force(&q, &ql, &qi, &r, &rl, &ri, 0.5);
+        assert!((got - want).abs() < 1e-10, "{got} vs {want}");
+        // A genuine duplicate (same embedding, other id) is a pair; the same id is not. Value
+        // masking (s < 1 − ε) would drop both.
+        let one = |label: i64, id: i64| {
+            contrastive_loss(
+                &tensor(&q[..1]),
+                &Tensor::from_slice(&[0i64]),
+                &Tensor::from_slice(&[5i64]),
+                &tensor(&q[..1]),
+                &Tensor::from_slice(&[label]),
+                &Tensor::from_slice(&[id]),
+                0.5,
+            )
+            .unwrap()
+            .double_value(&[])
+        };
+        assert!(
+            (one(7, 6) - 1.0).abs() < 1e-12,
+            "duplicate negative counts s = 1"
+        );
+        assert_eq!(one(7, 5), 0.0, "same id is masked");
+        assert!(one(0, 6).abs() < 1e-12, "duplicate positive: 1 − s = 0");
+    }
+
+    #[test]
+    fn hand_computed_case() {
+        // Two anchors, 2-d: a = (1,0) label 0, b = (0.6,0.8) label 1, c = (0.8,0.6) label 0.
+        let q = vec![vec![1.0, 0.0], vec![0.6, 0.8], vec![0.8, 0.6]];
+        let l = Tensor::from_slice(&[0i64, 1, 0]);
+        let ids = Tensor::from_slice(&[0i64, 1, 2]);
+        // a: pos c (1 − 0.8), neg b s=0.6 > 0.5 → 0.6.  b: negs a (0.6), c (0.96).
+        // c: pos a (0.2), neg b 0.96.  Total 0.2+0.6+0.6+0.96+0.2+0.96 = 3.52; / 3.
+        let got = contrastive_loss(&tensor(&q), &l, &ids, &tensor(&q), &l, &ids, 0.5)
+            .unwrap()
+            .double_value(&[]);
+        assert!((got - 3.52 / 3.0).abs() < 1e-12, "{got}");
+        // With margin 0.7 the a–b negatives (0.6) drop out.
+        let got = contrastive_loss(&tensor(&q), &l, &ids, &tensor(&q), &l, &ids, 0.7)
+            .unwrap()
+            .double_value(&[]);
+        assert!((got - 2.32 / 3.0).abs() < 1e-12, "{got}");
+        let stats = pair_stats(&tensor(&q), &l, &ids, &tensor(&q), &l, &ids, 0.5).unwrap();
+        assert_eq!(stats.positives, 2);
+        assert_eq!(stats.active_negatives, 4);
+        assert!((stats.mean_positive - 0.8).abs() < 1e-12);
+        assert!((stats.mean_negative - 0.78).abs() < 1e-12);
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let (n, m, d) = (5usize, 7usize, 3usize);
+        let q: Vec<f64> = (0..n * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let r: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let ql = Tensor::from_slice(&[0i64, 1, 2, 0, 1]);
+        let qi = Tensor::from_slice(&[0i64, 1, 2, 3, 4]);
+        let rl = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0]);
+        let ri = Tensor::from_slice(&[0i64, 10, 11, 12, 4, 13, 14]);
+        // Loss as a function of raw (unnormalised) query rows, normalised inside, so the
+        // gradient also flows through the normalisation.
+        let eval = |qv: &[f64], track: bool| {
+            let qt = Tensor::from_slice(qv)
+                .view([n as i64, d as i64])
+                .set_requires_grad(track);
+            let qn = &qt / qt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
+            let rt = Tensor::from_slice(&r).view([m as i64, d as i64]);
+            let rn = &rt / rt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
+            let loss = contrastive_loss(&qn, &ql, &qi, &rn, &rl, &ri, 0.5).unwrap();
+            (qt, loss)
+        };
+        let (qt, loss) = eval(&q, true);
+        loss.backward();
+        let grad: Vec<f64> = Vec::try_from(&qt.grad().view([-1])).unwrap();
+        let h = 1e-6;
+        for i in 0..q.len() {
+            let mut plus = q.clone();
+            plus[i] += h;
+            let mut minus = q.clone();
+            minus[i] -= h;
+            let fp = eval(&plus, false).1.double_value(&[]);
+            let fm = eval(&minus, false).1.double_value(&[]);
+            let fd = (fp - fm) / (2.0 * h);
+            assert!(
+                (fd - grad[i]).abs() < 1e-6,
+                "coordinate {i}: fd {fd} vs autograd {}",
+                grad[i]
+            );
+        }
+        assert!(grad.iter().any(|g| g.abs() > 1e-3));
+    }
+
+    #[test]
+    fn shape_errors_and_empty_query() {
+        let e = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
+        let l = Tensor::from_slice(&[0i64, 1, 2]);
+        let bad = Tensor::from_slice(&[0i64, 1]);
+        assert!(contrastive_loss(&e, &l, &bad, &e, &l, &l, 0.5).is_err());
+        let e5 = Tensor::zeros([3, 5], (Kind::Float, Device::Cpu));
+        assert!(contrastive_loss(&e, &l, &l, &e5, &l, &l, 0.5).is_err());
+        let empty = Tensor::zeros([0, 4], (Kind::Float, Device::Cpu));
+        let none = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
+        let z = contrastive_loss(&empty, &none, &none, &e, &l, &l, 0.5).unwrap();
+        assert_eq!(z.double_value(&[]), 0.0);
+    }
+}

@@ -1,0 +1,26 @@
+//! Metric learning: P×K sampling, augmentation, pair losses and the training loop.
+
+pub mod augment;
+pub mod loss;
+pub mod offline;
+pub mod sampler;
+
+/// Errors from training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Tensors or buffers with inconsistent shapes were passed in.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// The configuration or data cannot be trained on.
+    #[error("{0}")]
+    Config(String),
+    /// Loading or saving a model failed.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    /// Writing `model.toml` failed.
+    #[error(transparent)]
+    Spec(#[from] crate::model::spec::SpecError),
+    /// libtorch reported an error.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
