@@ -332,6 +332,28 @@ impl VectorIndex {
         self.read().by_key.contains_key(key)
     }
 
+    /// The (normalised) vector stored for a live key.
+    pub fn vector(&self, key: &str) -> Option<Vec<f32>> {
+        let state = self.read();
+        let slot = *state.by_key.get(key)?;
+        state.slots[slot].vector.as_ref().map(|v| v.to_vec())
+    }
+
+    /// Live keys with their labels (a snapshot, in no particular order).
+    pub fn keys(&self) -> Vec<(String, Option<String>)> {
+        let state = self.read();
+        state
+            .by_key
+            .iter()
+            .map(|(key, slot)| {
+                let label = state.slots[*slot]
+                    .label
+                    .map(|l| state.labels[l as usize].to_string());
+                (key.to_string(), label)
+            })
+            .collect()
+    }
+
     /// Inserts a point, or replaces the point with the same key (the old one becomes a
     /// tombstone). The vector is checked and renormalised; on error nothing changes.
     pub fn upsert(&self, key: &str, label: Option<&str>, vector: &[f32]) -> Result<(), IndexError> {
@@ -767,10 +789,21 @@ mod tests {
         let top = idx.search(&fresh, 1, None, None).unwrap();
         assert_eq!(top[0].key, "k10");
         assert_eq!(top[0].label.as_deref(), Some("new"));
+        let stored = idx.vector("k10").unwrap();
+        let diff = stored
+            .iter()
+            .zip(&fresh)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-6, "vector() returns the replacing vector");
+        let keys = idx.keys();
+        assert_eq!(keys.len(), 300);
+        assert!(keys.contains(&("k10".to_string(), Some("new".to_string()))));
 
         assert!(idx.remove("k11"));
         assert!(!idx.remove("k11"));
         assert!(!idx.contains("k11"));
+        assert_eq!(idx.vector("k11"), None);
         assert_eq!(idx.len(), 299);
         assert_eq!(idx.tombstones(), 2);
         let top = idx.search(&vecs[11], 5, None, None).unwrap();

@@ -1,8 +1,8 @@
 //! Prometheus metrics: one registry per server instance, every metric registered and
 //! described at start-up so `/metrics` is complete before the first request.
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// Reasons a request can be rejected, pre-registered as label values.
@@ -37,6 +37,24 @@ pub struct Metrics {
     pub model_info: GaugeVec,
     /// Seconds the last index rebuild at start-up took.
     pub index_rebuild_seconds: Gauge,
+    /// Online trainer optimisation steps.
+    pub trainer_steps: IntCounter,
+    /// Loss of the last trainer step.
+    pub trainer_loss: Gauge,
+    /// Rows filled in the XBM memory.
+    pub memory_fill: IntGauge,
+    /// Seconds per trainer step.
+    pub trainer_step_seconds: Histogram,
+    /// Generations published (built and swapped in).
+    pub generations_published: IntCounter,
+    /// Seconds the write lock was held for a generation's final catch-up and swap.
+    pub swap_seconds: Histogram,
+    /// Items re-embedded for new generations.
+    pub reembedded_items: IntCounter,
+    /// Fraction of the gallery re-embedded by the generation being built (1 when idle).
+    pub reembed_progress: Gauge,
+    /// Mean squared distance between consecutive generations' embeddings of the probe set.
+    pub drift: Gauge,
 }
 
 /// Routes pre-registered in the request counters so they appear before first use.
@@ -106,6 +124,54 @@ impl Metrics {
             "index_rebuild_seconds",
             "Seconds the index rebuild from the store took at start-up.",
         )?;
+        let trainer_steps =
+            IntCounter::new("trainer_steps_total", "Online trainer optimisation steps.")?;
+        let trainer_loss = Gauge::new("trainer_loss", "Loss of the last online trainer step.")?;
+        let memory_fill = IntGauge::new(
+            "trainer_memory_fill",
+            "Rows filled in the XBM cross-batch memory.",
+        )?;
+        let trainer_step_seconds = Histogram::with_opts(
+            HistogramOpts::new("trainer_step_seconds", "Seconds per online trainer step.")
+                .buckets(latency_buckets()),
+        )?;
+        let generations_published = IntCounter::new(
+            "generations_published_total",
+            "Model generations built and swapped in.",
+        )?;
+        let swap_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "swap_seconds",
+                "Seconds writes were held for a generation's final catch-up and swap.",
+            )
+            .buckets(latency_buckets()),
+        )?;
+        let reembedded_items = IntCounter::new(
+            "reembedded_items_total",
+            "Items re-embedded for new generations.",
+        )?;
+        let reembed_progress = Gauge::new(
+            "reembed_progress_ratio",
+            "Fraction of the gallery re-embedded by the generation being built (1 when idle).",
+        )?;
+        let drift = Gauge::new(
+            "drift",
+            "Mean squared distance between consecutive generations' probe-set embeddings.",
+        )?;
+        reembed_progress.set(1.0);
+        for metric in [
+            Box::new(trainer_steps.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(trainer_loss.clone()),
+            Box::new(memory_fill.clone()),
+            Box::new(trainer_step_seconds.clone()),
+            Box::new(generations_published.clone()),
+            Box::new(swap_seconds.clone()),
+            Box::new(reembedded_items.clone()),
+            Box::new(reembed_progress.clone()),
+            Box::new(drift.clone()),
+        ] {
+            registry.register(metric)?;
+        }
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
@@ -140,6 +206,15 @@ impl Metrics {
             index_items,
             model_info,
             index_rebuild_seconds,
+            trainer_steps,
+            trainer_loss,
+            memory_fill,
+            trainer_step_seconds,
+            generations_published,
+            swap_seconds,
+            reembedded_items,
+            reembed_progress,
+            drift,
         })
     }
 
@@ -169,6 +244,15 @@ mod tests {
             "crossbatch_search_seconds",
             "crossbatch_index_items",
             "crossbatch_index_rebuild_seconds",
+            "crossbatch_trainer_steps_total",
+            "crossbatch_trainer_loss",
+            "crossbatch_trainer_memory_fill",
+            "crossbatch_trainer_step_seconds",
+            "crossbatch_generations_published_total",
+            "crossbatch_swap_seconds",
+            "crossbatch_reembedded_items_total",
+            "crossbatch_reembed_progress_ratio",
+            "crossbatch_drift",
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} ")),

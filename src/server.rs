@@ -1,23 +1,25 @@
 //! Server assembly: opens the store, binds the port, loads the first generation in the
 //! background (so `/healthz` answers while `/readyz` is still 503), and shuts down gracefully.
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::{self, input::values_from_stored, AppState};
+use anyhow::Context;
+
+use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::embed::preprocess::values_from_raw;
 use crate::embed::{BatchingLimits, Embedder};
 use crate::index::VectorIndex;
 use crate::metrics::Metrics;
 use crate::model::spec::ModelSpec;
+use crate::registry::builder::META_ACTIVE_VERSION;
 use crate::registry::{Generation, Registry};
-use crate::store::Store;
+use crate::store::{EmbeddingRefresh, GenerationRecord, Store};
 
-/// Store meta key: fingerprint of the model that made the stored embeddings.
-const META_MODEL_FINGERPRINT: &str = "model_fingerprint";
-/// Store meta key: version number of that model.
-const META_MODEL_VERSION: &str = "model_version";
+/// Store meta key: fingerprint of the configured base model when it was last registered.
+const META_BASE_FINGERPRINT: &str = "base_model_fingerprint";
 /// Stored embeddings inserted into the index per parallel batch at start-up.
 const REBUILD_BATCH: usize = 4096;
 /// Items re-embedded per batch when the model changed.
@@ -63,7 +65,6 @@ pub async fn start(
         metrics: metrics.clone(),
         store: store.clone(),
         registry: Arc::new(Registry::new()),
-        write_lock: Arc::new(Mutex::new(())),
     };
     let listener = tokio::net::TcpListener::bind(&config.server.addr).await?;
     let addr = listener.local_addr()?;
@@ -127,42 +128,32 @@ fn spawn_compactor(registry: std::sync::Weak<Registry>) {
     }
 }
 
-/// Loads the model, re-embeds the gallery if the model changed since the embeddings were
-/// stored, rebuilds the index from the store and publishes the generation (ready).
-fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
-    let config = &state.config;
-    let limits = BatchingLimits {
+/// The batching limits from the configuration.
+pub fn batching_limits(config: &Config) -> BatchingLimits {
+    BatchingLimits {
         max_batch: config.batching.max_batch.max(1),
         max_wait: Duration::from_millis(config.batching.max_wait_ms),
         queue_capacity: config.batching.queue_capacity.max(1),
-    };
+    }
+}
+
+/// Loads the active generation's model, re-embeds stored items whose embeddings another
+/// model made, rebuilds the index from the store and publishes the generation (ready).
+fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
+    let config = &state.config;
     if config.model.threads > 0 {
         tch::set_num_threads(config.model.threads as i32);
     }
+    let store = &state.store;
+    let (version, model_dir) = resolve_active_model(store, &config.model.dir)?;
     let (embedder, info) = Embedder::start(
-        &config.model.dir,
+        &model_dir,
         &config.model.device,
-        limits,
+        batching_limits(config),
         state.metrics.clone(),
     )?;
-    tracing::info!(model = %info.spec.name, device = %info.device, "model loaded and warm");
-
-    let store = &state.store;
-    let fingerprint = model_fingerprint(&config.model.dir, &info.spec)?;
-    let stored_version: u64 = store
-        .get_meta(META_MODEL_VERSION)?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let version =
-        if store.get_meta(META_MODEL_FINGERPRINT)?.as_deref() == Some(fingerprint.as_str()) {
-            stored_version
-        } else {
-            let version = stored_version + 1;
-            reembed_gallery(store, &embedder, &info.spec, version)?;
-            store.set_meta(META_MODEL_VERSION, &version.to_string())?;
-            store.set_meta(META_MODEL_FINGERPRINT, &fingerprint)?;
-            version
-        };
+    tracing::info!(model = %info.spec.name, version, device = %info.device, "model loaded and warm");
+    reembed_stale(store, &embedder, &info.spec, version)?;
 
     let started = Instant::now();
     let index = Arc::new(VectorIndex::new(
@@ -199,7 +190,7 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
         .with_label_values(&[&info.spec.name, &version.to_string(), &info.device])
         .set(1.0);
     tracing::info!(items = index.len(), version, "index rebuilt; ready");
-    state.registry.publish(Generation {
+    state.registry.publish_initial(Generation {
         version,
         info,
         embedder,
@@ -208,49 +199,91 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-embeds every stored item with a model that differs from the one that made the stored
-/// embeddings, so the index never mixes two models.
-fn reembed_gallery(
+/// Which model is active: the configured base model if it changed since the store last saw
+/// it (it becomes a new generation), else the generation recorded as active.
+fn resolve_active_model(store: &Store, base_dir: &Path) -> anyhow::Result<(u64, PathBuf)> {
+    let base_dir = std::fs::canonicalize(base_dir)
+        .with_context(|| format!("model directory {}", base_dir.display()))?;
+    let spec = ModelSpec::load(&base_dir)?;
+    let fingerprint = model_fingerprint(&base_dir, &spec)?;
+    let generations = store.generations()?;
+    if store.get_meta(META_BASE_FINGERPRINT)?.as_deref() != Some(fingerprint.as_str()) {
+        let version = generations.last().map_or(0, |g| g.version) + 1;
+        store.record_generation(&GenerationRecord {
+            version,
+            model_dir: base_dir.clone(),
+            created_unix: unix_now(),
+            details: serde_json::json!({ "origin": "base", "name": spec.name }),
+        })?;
+        store.set_meta(META_ACTIVE_VERSION, &version.to_string())?;
+        store.set_meta(META_BASE_FINGERPRINT, &fingerprint)?;
+        return Ok((version, base_dir));
+    }
+    let active: u64 = store
+        .get_meta(META_ACTIVE_VERSION)?
+        .and_then(|v| v.parse().ok())
+        .context("the store records no active model version")?;
+    let record = generations
+        .into_iter()
+        .find(|g| g.version == active)
+        .with_context(|| format!("active generation {active} is not recorded"))?;
+    Ok((active, record.model_dir))
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Re-embeds the stored items whose embeddings were made by another model version (a new
+/// base model, or a swap interrupted before all embeddings were refreshed), so the index
+/// never mixes two models.
+fn reembed_stale(
     store: &Store,
     embedder: &Embedder,
     spec: &ModelSpec,
     version: u64,
 ) -> anyhow::Result<()> {
-    let mut pending: Vec<(String, Vec<f32>)> = Vec::with_capacity(REEMBED_BATCH);
-    let mut total = 0usize;
-    let mut flush = |pending: &mut Vec<(String, Vec<f32>)>| -> anyhow::Result<()> {
-        let (ids, values): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
-        let vectors = embedder.embed_blocking(values)?;
-        let rows: Vec<_> = ids
-            .into_iter()
-            .zip(vectors)
-            .map(|(id, v)| (id, v, version))
-            .collect();
-        store.put_embeddings(&rows)?;
-        total += rows.len();
-        Ok(())
-    };
-    let mut inputs = Vec::new();
-    store.for_each_input(|row| {
-        inputs.push(row);
+    let mut stale = Vec::new();
+    store.for_each_embedding(|row| {
+        if row.model_version != version {
+            stale.push(row.id);
+        }
         Ok::<(), anyhow::Error>(())
     })?;
-    for row in inputs {
-        let values = values_from_stored(&row.input, &row.input_kind, &spec.input)
-            .map_err(|e| anyhow::anyhow!("stored item {} cannot be re-embedded: {e}", row.id))?;
-        pending.push((row.id, values));
-        if pending.len() == REEMBED_BATCH {
-            flush(&mut pending)?;
-        }
+    let mut total = 0usize;
+    for ids in stale.chunks(REEMBED_BATCH) {
+        let rows = store.inputs_of(ids)?;
+        let values = rows
+            .iter()
+            .map(|row| {
+                values_from_raw(&row.input, &row.input_kind, &spec.input).map_err(|e| {
+                    anyhow::anyhow!("stored item {} cannot be re-embedded: {e}", row.id)
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let vectors = embedder.embed_blocking(values)?;
+        let refreshes: Vec<EmbeddingRefresh> = rows
+            .iter()
+            .zip(vectors)
+            .map(|(row, embedding)| EmbeddingRefresh {
+                id: row.id.clone(),
+                seq: row.seq,
+                embedding,
+                model_version: version,
+            })
+            .collect();
+        total += store.refresh_embeddings(&refreshes)?;
     }
-    if !pending.is_empty() {
-        flush(&mut pending)?;
+    if total > 0 {
+        tracing::info!(
+            items = total,
+            version,
+            "re-embedded items stored by another model"
+        );
     }
-    tracing::info!(
-        items = total,
-        version,
-        "gallery re-embedded for a new model"
-    );
     Ok(())
 }
 

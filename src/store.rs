@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS sequence (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO sequence (id, value) VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS generations (
+    version      INTEGER PRIMARY KEY NOT NULL,
+    model_dir    TEXT NOT NULL,
+    created_unix INTEGER NOT NULL,
+    details      TEXT NOT NULL
+);
 ";
 
 /// Errors returned by [`Store`].
@@ -164,6 +170,45 @@ pub struct InputRow {
     pub input: Vec<u8>,
     /// How to interpret `input`.
     pub input_kind: InputKind,
+    /// Sequence number of the last write to this item.
+    pub seq: u64,
+}
+
+/// A labelled item as the trainer's sampler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelledExample {
+    /// Item id.
+    pub id: String,
+    /// Class label.
+    pub label: String,
+    /// Sequence number of the last write (changes when the item is replaced).
+    pub seq: u64,
+}
+
+/// An embedding computed for an item as it was at sequence number `seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingRefresh {
+    /// Item id.
+    pub id: String,
+    /// The item's sequence number when its input was read.
+    pub seq: u64,
+    /// New embedding.
+    pub embedding: Vec<f32>,
+    /// Version of the model that produced it.
+    pub model_version: u64,
+}
+
+/// A published model generation, as recorded in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    /// Model version.
+    pub version: u64,
+    /// Directory of the generation's model (model.toml + weights).
+    pub model_dir: PathBuf,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Free-form details: training metrics, drift, origin.
+    pub details: serde_json::Value,
 }
 
 /// The durable item store (see the module documentation).
@@ -247,6 +292,19 @@ fn write_seq(conn: &Connection, seq: u64) -> Result<(), StoreError> {
         params![to_i64("<sequence>", "sequence", seq)?],
     )?;
     Ok(())
+}
+
+fn input_row(r: &rusqlite::Row<'_>) -> Result<InputRow, StoreError> {
+    let kind: String = r.get(3)?;
+    let id: String = r.get(0)?;
+    let seq = to_u64(&id, "sequence", r.get(4)?)?;
+    Ok(InputRow {
+        id,
+        label: r.get(1)?,
+        input: r.get(2)?,
+        input_kind: serde_json::from_str(&kind)?,
+        seq,
+    })
 }
 
 impl Store {
@@ -426,19 +484,11 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(StoreError::from)?;
         let mut stmt = tx
-            .prepare("SELECT id, label, input, input_kind FROM items ORDER BY id")
+            .prepare("SELECT id, label, input, input_kind, seq FROM items ORDER BY id")
             .map_err(StoreError::from)?;
         let mut rows = stmt.query([]).map_err(StoreError::from)?;
         while let Some(r) = rows.next().map_err(StoreError::from)? {
-            let row = (|| -> Result<InputRow, StoreError> {
-                let kind: String = r.get(3)?;
-                Ok(InputRow {
-                    id: r.get(0)?,
-                    label: r.get(1)?,
-                    input: r.get(2)?,
-                    input_kind: serde_json::from_str(&kind)?,
-                })
-            })()?;
+            let row = (|| -> Result<InputRow, StoreError> { input_row(r) })()?;
             f(row)?;
         }
         Ok(())
@@ -467,47 +517,109 @@ impl Store {
         Ok(out)
     }
 
-    /// `(id, label)` of every labelled item, ordered by id (for the trainer's sampler).
-    pub fn labelled_examples(&self) -> Result<Vec<(String, String)>, StoreError> {
+    /// Every labelled item with its sequence number, ordered by id (for the trainer's sampler).
+    pub fn labelled_examples(&self) -> Result<Vec<LabelledExample>, StoreError> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare("SELECT id, label FROM items WHERE label IS NOT NULL ORDER BY id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            conn.prepare("SELECT id, label, seq FROM items WHERE label IS NOT NULL ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?)))?;
+        rows.map(|row| {
+            let (id, label, seq): (String, String, i64) = row?;
+            let seq = to_u64(&id, "sequence", seq)?;
+            Ok(LabelledExample { id, label, seq })
+        })
+        .collect()
     }
 
-    /// Replaces the embeddings (and model versions) of existing items in one transaction,
-    /// each updated item taking the next sequence number. Ids that no longer exist are
-    /// skipped. Returns how many items were updated. On error nothing is written.
-    pub fn put_embeddings(&self, rows: &[(String, Vec<f32>, u64)]) -> Result<usize, StoreError> {
-        let mut conn = self.conn();
+    /// The inputs of those of `ids` that exist, in the order given.
+    pub fn inputs_of(&self, ids: &[String]) -> Result<Vec<InputRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT id, label, input, input_kind, seq FROM items WHERE id = ?1")?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(row) = stmt
+                .query_row(params![id], |r| Ok(input_row(r)))
+                .optional()?
+            {
+                out.push(row?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces embeddings computed by a newer model, in one transaction. A row is written
+    /// only if its item still has the sequence number it was read at, so a refresh never
+    /// overwrites a newer write; refreshes take no sequence number (the item did not change).
+    /// Returns how many rows were written. On error nothing is written.
+    pub fn refresh_embeddings(&self, rows: &[EmbeddingRefresh]) -> Result<usize, StoreError> {
         if rows.is_empty() {
             return Ok(0);
         }
+        let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut seq = read_seq(&tx)?;
         let mut updated = 0;
         {
             let mut stmt = tx.prepare_cached(
-                "UPDATE items SET embedding = ?2, model_version = ?3, seq = ?4 WHERE id = ?1",
+                "UPDATE items SET embedding = ?3, model_version = ?4 WHERE id = ?1 AND seq = ?2",
             )?;
-            for (id, embedding, version) in rows {
-                validate_embedding(id, embedding)?;
-                let n = stmt.execute(params![
-                    id,
-                    embedding_to_bytes(embedding),
-                    to_i64(id, "model_version", *version)?,
-                    to_i64(id, "sequence", seq + 1)?,
+            for row in rows {
+                validate_embedding(&row.id, &row.embedding)?;
+                updated += stmt.execute(params![
+                    row.id,
+                    to_i64(&row.id, "sequence", row.seq)?,
+                    embedding_to_bytes(&row.embedding),
+                    to_i64(&row.id, "model_version", row.model_version)?,
                 ])?;
-                if n > 0 {
-                    seq += 1;
-                    updated += 1;
-                }
             }
         }
-        write_seq(&tx, seq)?;
         tx.commit()?;
         Ok(updated)
+    }
+
+    /// Durably records (or replaces) a published generation.
+    pub fn record_generation(&self, record: &GenerationRecord) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let version = to_i64("<generation>", "version", record.version)?;
+        let created = to_i64("<generation>", "created_unix", record.created_unix)?;
+        conn.execute(
+            "INSERT INTO generations (version, model_dir, created_unix, details) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(version) DO UPDATE SET model_dir = excluded.model_dir,
+                 created_unix = excluded.created_unix, details = excluded.details",
+            params![
+                version,
+                record.model_dir.to_string_lossy(),
+                created,
+                serde_json::to_string(&record.details)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every recorded generation, oldest first.
+    pub fn generations(&self) -> Result<Vec<GenerationRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT version, model_dir, created_unix, details FROM generations ORDER BY version",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (version, dir, created, details) = row?;
+            Ok(GenerationRecord {
+                version: to_u64("<generation>", "version", version)?,
+                model_dir: PathBuf::from(dir),
+                created_unix: to_u64("<generation>", "created_unix", created)?,
+                details: serde_json::from_str(&details)?,
+            })
+        })
+        .collect()
     }
 
     /// Reads a value from the key/value `meta` table.
@@ -627,17 +739,27 @@ mod tests {
             assert!(store.delete_item("tmp").unwrap());
             assert_eq!(store.last_seq().unwrap(), last + 2);
             last += 2;
+            let seq = store.get_item(&id).unwrap().unwrap().seq;
+            let refresh = |id: &str, seq: u64| EmbeddingRefresh {
+                id: id.into(),
+                seq,
+                embedding: vec![42.0],
+                model_version: 2,
+            };
             let n = store
-                .put_embeddings(&[
-                    (id.clone(), vec![42.0], 2),
-                    ("missing".into(), vec![1.0], 2),
+                .refresh_embeddings(&[
+                    refresh(&id, seq),
+                    refresh("missing", seq),
+                    refresh(&id, seq - 1),
                 ])
                 .unwrap();
-            assert_eq!(n, 1);
-            assert_eq!(store.last_seq().unwrap(), last + 1);
-            last += 1;
+            assert_eq!(
+                n, 1,
+                "only the existing item at its current seq is refreshed"
+            );
+            assert_eq!(store.last_seq().unwrap(), last, "a refresh takes no seq");
             let got = store.get_item(&id).unwrap().unwrap();
-            assert_eq!(got.seq, last);
+            assert_eq!(got.seq, seq);
             assert_eq!(got.embedding, vec![42.0]);
             assert_eq!(got.model_version, 2);
             store.set_meta("round", &round.to_string()).unwrap();
@@ -674,11 +796,17 @@ mod tests {
         assert!(matches!(err, StoreError::InvalidItem { ref id, .. } if id == "nan"));
         let empty = vec![item("x", None, vec![1.0]), item("y", None, vec![])];
         assert!(store.upsert_items(&empty).is_err());
-        let bad_emb = vec![
-            ("keep".to_string(), vec![3.0], 9),
-            ("keep".to_string(), vec![f32::INFINITY], 9),
-        ];
-        assert!(store.put_embeddings(&bad_emb).is_err());
+        let seq = store.get_item("keep").unwrap().unwrap().seq;
+        let bad_emb: Vec<EmbeddingRefresh> = [vec![3.0], vec![f32::INFINITY]]
+            .into_iter()
+            .map(|embedding| EmbeddingRefresh {
+                id: "keep".into(),
+                seq,
+                embedding,
+                model_version: 9,
+            })
+            .collect();
+        assert!(store.refresh_embeddings(&bad_emb).is_err());
 
         assert_eq!(store.last_seq().unwrap(), before_seq);
         assert_eq!(store.item_count().unwrap(), 1);
@@ -713,10 +841,21 @@ mod tests {
         assert_eq!(m.len(), 2);
         assert_eq!(m["a"], (Some("cat".into()), json!({"id": "a", "n": 1})));
         assert_eq!(m["c"], (None, json!({"id": "c", "n": 1})));
+        let examples: Vec<(String, String)> = store
+            .labelled_examples()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.label))
+            .collect();
         assert_eq!(
-            store.labelled_examples().unwrap(),
+            examples,
             vec![("a".into(), "cat".into()), ("b".into(), "dog".into())]
         );
+        let inputs = store
+            .inputs_of(&["c".into(), "nope".into(), "a".into()])
+            .unwrap();
+        let ids: Vec<&str> = inputs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, vec!["c", "a"]);
         let mut inputs = Vec::new();
         store
             .for_each_input(|r| {
@@ -796,5 +935,30 @@ mod tests {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
         assert_eq!(sync, 2, "FULL");
+    }
+
+    #[test]
+    fn generations_are_recorded_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = |version: u64| GenerationRecord {
+            version,
+            model_dir: dir.path().join(format!("generations/{version}")),
+            created_unix: 1_700_000_000 + version,
+            details: json!({ "steps": version * 100 }),
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert!(store.generations().unwrap().is_empty());
+            store.record_generation(&record(2)).unwrap();
+            store.record_generation(&record(1)).unwrap();
+            let mut replaced = record(2);
+            replaced.details = json!({ "steps": 7 });
+            store.record_generation(&replaced).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let all = store.generations().unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0], record(1));
+        assert_eq!(all[1].details, json!({ "steps": 7 }));
     }
 }

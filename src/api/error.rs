@@ -4,6 +4,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::embed::EmbedError;
+use crate::registry::WriteError;
 
 /// Why a request was refused, attached to the response so the metrics layer can count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +106,16 @@ impl From<EmbedError> for ApiError {
                 error.to_string(),
             ),
             EmbedError::Inference(_) | EmbedError::Load(_) => ApiError::internal(error),
+        }
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::NotReady => ApiError::not_ready(),
+            WriteError::Embed(e) => e.into(),
+            other => ApiError::internal(other),
         }
     }
 }

@@ -79,24 +79,6 @@ impl InputPayload {
     }
 }
 
-/// Recreates model input values from what the store holds (used when re-embedding).
-pub fn values_from_stored(
-    raw: &[u8],
-    kind: &InputKind,
-    spec: &InputSpec,
-) -> Result<Vec<f32>, String> {
-    match kind {
-        InputKind::Image => decode_image(raw, spec).map_err(|e| e.to_string()),
-        InputKind::Tensor { shape } => {
-            let values = raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            check_tensor(values, shape, spec).map_err(|e| e.to_string())
-        }
-    }
-}
-
 /// Prepares many inputs off the async runtime; fails on the first bad one.
 pub async fn prepare_all(
     payloads: Vec<(InputPayload, String)>,

@@ -8,7 +8,7 @@ pub mod error;
 mod handlers;
 pub mod input;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -32,11 +32,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The durable store.
     pub store: Arc<Store>,
-    /// The live generation (model + index).
+    /// The live generation (model + index) and the write path.
     pub registry: Arc<Registry>,
-    /// Serialises store-then-index writes so index order always matches commit order.
-    /// Only ever taken on blocking threads, never across `.await`.
-    pub write_lock: Arc<Mutex<()>>,
 }
 
 /// Builds the router with every route, the body limit and the metrics layer.

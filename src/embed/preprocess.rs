@@ -5,6 +5,7 @@
 use image::{imageops::FilterType, DynamicImage};
 
 use crate::model::spec::InputSpec;
+use crate::store::InputKind;
 
 /// Why an input could not be turned into model input.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -120,6 +121,25 @@ pub fn check_tensor(
     Ok(values)
 }
 
+/// Recreates model input values from an input as the store keeps it (image file bytes, or a
+/// tensor as f32 little-endian), for re-embedding with another model.
+pub fn values_from_raw(
+    raw: &[u8],
+    kind: &InputKind,
+    spec: &InputSpec,
+) -> Result<Vec<f32>, PreprocessError> {
+    match kind {
+        InputKind::Image => decode_image(raw, spec),
+        InputKind::Tensor { shape } => {
+            let values = raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            check_tensor(values, shape, spec)
+        }
+    }
+}
+
 fn normalise(pixel: u8, mean: f32, std: f32) -> f32 {
     (pixel as f32 / 255.0 - mean) / std
 }
@@ -193,6 +213,23 @@ mod tests {
             decode_image(&truncated, &gray_spec(4)),
             Err(PreprocessError::NotAnImage(_))
         ));
+    }
+
+    #[test]
+    fn raw_inputs_round_trip() {
+        let spec = gray_spec(2);
+        let values = vec![0.5f32, -1.0, 2.0, 0.0];
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let kind = InputKind::Tensor {
+            shape: vec![1, 2, 2],
+        };
+        assert_eq!(values_from_raw(&raw, &kind, &spec).unwrap(), values);
+        let png = png_bytes(&DynamicImage::ImageLuma8(image::GrayImage::new(2, 2)));
+        assert_eq!(
+            values_from_raw(&png, &InputKind::Image, &spec).unwrap(),
+            decode_image(&png, &spec).unwrap()
+        );
+        assert!(values_from_raw(&raw[..8], &kind, &spec).is_err());
     }
 
     #[test]

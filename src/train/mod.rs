@@ -2,6 +2,7 @@
 
 pub mod augment;
 pub mod loss;
+pub mod memory;
 pub mod offline;
 pub mod sampler;
 

@@ -107,21 +107,14 @@ pub async fn upsert_items(
         .collect();
     let count = items.len();
     let store = state.store.clone();
-    let lock = state.write_lock.clone();
-    let index = generation.index.clone();
+    let registry = state.registry.clone();
     let metrics = state.metrics.clone();
-    blocking(move || {
-        let _writer = lock
-            .lock()
-            .map_err(|_| ApiError::internal("write lock poisoned"))?;
-        store.upsert_items(&items).map_err(ApiError::internal)?;
-        for item in &items {
-            index
-                .upsert(&item.id, item.label.as_deref(), &item.embedding)
-                .map_err(ApiError::internal)?;
+    let version = blocking(move || {
+        let version = registry.write_items(&store, &generation, items)?;
+        if let Some(live) = registry.live() {
+            metrics.index_items.set(live.index.len() as i64);
         }
-        metrics.index_items.set(index.len() as i64);
-        Ok(())
+        Ok(version)
     })
     .await?;
     Ok(Json(json!({ "upserted": count, "model_version": version })))
@@ -157,15 +150,11 @@ pub async fn delete_item(
 ) -> Result<Json<Value>, ApiError> {
     let generation = live_generation(&state)?;
     let store = state.store.clone();
-    let lock = state.write_lock.clone();
+    let registry = state.registry.clone();
     let metrics = state.metrics.clone();
     let key = id.clone();
     let existed = blocking(move || {
-        let _writer = lock
-            .lock()
-            .map_err(|_| ApiError::internal("write lock poisoned"))?;
-        let existed = store.delete_item(&key).map_err(ApiError::internal)?;
-        generation.index.remove(&key);
+        let existed = registry.delete_item(&store, &key)?;
         metrics.index_items.set(generation.index.len() as i64);
         Ok(existed)
     })

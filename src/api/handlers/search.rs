@@ -103,7 +103,7 @@ pub async fn search(
         .enumerate()
         .map(|(i, query)| resolve(query, dim, &format!("queries[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    let vectors = query_vectors(&state, &generation, resolved).await?;
+    let vectors = query_vectors(&generation, resolved).await?;
 
     let index = generation.index.clone();
     let store = state.store.clone();
@@ -183,9 +183,8 @@ fn resolve(query: QueryPayload, dim: usize, what: &str) -> Result<ResolvedQuery,
 }
 
 /// Turns every query into a unit vector of the generation's model: client vectors as they
-/// are, stored items by their stored embedding, images and tensors through the model.
+/// are, stored items by their vector in the index, images and tensors through the model.
 async fn query_vectors(
-    state: &AppState,
     generation: &crate::registry::Generation,
     resolved: Vec<ResolvedQuery>,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
@@ -199,30 +198,12 @@ async fn query_vectors(
             ResolvedQuery::Item(id) => item_ids.push((slot, id)),
         }
     }
-    if !item_ids.is_empty() {
-        let store = state.store.clone();
-        let version = generation.version;
-        let found = blocking(move || {
-            item_ids
-                .into_iter()
-                .map(|(slot, id)| {
-                    let item = store.get_item(&id).map_err(ApiError::internal)?;
-                    let item = item.ok_or_else(|| ApiError::not_found(format!("no item with id {id:?}")))?;
-                    if item.model_version != version {
-                        return Err(ApiError::new(
-                            axum::http::StatusCode::CONFLICT,
-                            "stale_embedding",
-                            format!("item {id:?} has not been re-embedded by model version {version} yet"),
-                        ));
-                    }
-                    Ok((slot, item.embedding))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await?;
-        for (slot, vector) in found {
-            vectors[slot] = Some(vector);
-        }
+    // A stored item is searched by the vector this generation's index holds for it, so the
+    // query and the index always come from the same model.
+    for (slot, id) in item_ids {
+        let vector = generation.index.vector(&id);
+        vectors[slot] =
+            Some(vector.ok_or_else(|| ApiError::not_found(format!("no item with id {id:?}")))?);
     }
     if !inputs.is_empty() {
         let (slots, payloads): (Vec<usize>, Vec<_>) = inputs

@@ -1,0 +1,334 @@
+//! Building a generation beside the live one and swapping it in.
+//!
+//! 1. Start the new model's inference thread (loaded and warmed) and an empty index; from
+//!    now on every write records its id as *touched* for the new generation.
+//! 2. Re-embed every stored item with the new model, in batches and rate-limited, into the
+//!    new index — skipping items touched meanwhile.
+//! 3. Re-read the touched items from the store and embed them, until few remain; then, under
+//!    the write lock, embed the last ones and swap: the new generation is live, requests in
+//!    flight finish on the old one.
+//! 4. Record the active version and refresh the stored embeddings (guarded by each item's
+//!    sequence number, so newer writes are never overwritten).
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Building, Generation, Registry, WriteError};
+use crate::embed::preprocess::values_from_raw;
+use crate::embed::{BatchingLimits, EmbedError, Embedder};
+use crate::index::{IndexParams, VectorIndex};
+use crate::metrics::Metrics;
+use crate::store::{EmbeddingRefresh, InputRow, Store, StoreError};
+
+/// Store meta key holding the active model version.
+pub const META_ACTIVE_VERSION: &str = "active_version";
+/// Items re-embedded per batch while building.
+const BUILD_BATCH: usize = 256;
+/// Touched items left over that are embedded under the write lock at swap time.
+const SWAP_REMAINDER: usize = 64;
+
+/// What building a generation needs from the server.
+#[derive(Clone)]
+pub struct BuildContext {
+    /// The durable store.
+    pub store: Arc<Store>,
+    /// Metrics (re-embedding progress, swap time).
+    pub metrics: Arc<Metrics>,
+    /// Batching limits of the new inference thread.
+    pub limits: BatchingLimits,
+    /// Device for the new model (`auto`, `cpu`, `cuda:N`).
+    pub device: String,
+    /// Index parameters of the new index.
+    pub index: IndexParams,
+    /// Most items re-embedded per second (0 = unlimited), so serving keeps its latency.
+    pub reembed_rate: f64,
+}
+
+/// Progress of the current build, readable while it runs.
+#[derive(Default)]
+pub struct BuildProgress {
+    /// Items re-embedded so far.
+    pub done: AtomicU64,
+    /// Items to re-embed in the first pass.
+    pub total: AtomicU64,
+}
+
+/// Why a generation could not be built; the live generation is untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Another generation is being built.
+    #[error("generation {0} is already being built")]
+    Busy(u64),
+    /// The new model failed to load or to embed.
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A write-path step failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// The index refused a vector.
+    #[error(transparent)]
+    Index(#[from] crate::index::IndexError),
+}
+
+/// What a finished swap reports.
+#[derive(Debug, Clone)]
+pub struct SwapReport {
+    /// The version now live.
+    pub version: u64,
+    /// The version it replaced.
+    pub previous: Option<u64>,
+    /// Items in the new index.
+    pub items: usize,
+    /// Seconds from start to swap.
+    pub build_seconds: f64,
+    /// Seconds the write lock was held for the final catch-up and the swap.
+    pub swap_seconds: f64,
+}
+
+impl Registry {
+    /// Builds generation `version` from the model in `model_dir` beside the live one and
+    /// swaps it in. Blocking; runs for as long as re-embedding the gallery takes. On error
+    /// the live generation stays as it was.
+    pub fn build_and_swap(
+        &self,
+        context: &BuildContext,
+        version: u64,
+        model_dir: &Path,
+        progress: &BuildProgress,
+    ) -> Result<SwapReport, BuildError> {
+        let started = Instant::now();
+        if let Some(busy) = self.building_version() {
+            return Err(BuildError::Busy(busy));
+        }
+        let (embedder, info) = Embedder::start(
+            model_dir,
+            &context.device,
+            context.limits,
+            context.metrics.clone(),
+        )?;
+        let index = Arc::new(VectorIndex::new(
+            info.spec.embedding_dim,
+            context.index.clone(),
+        ));
+        let generation = Arc::new(Generation {
+            version,
+            info,
+            embedder,
+            index,
+        });
+        {
+            let mut writes = self.lock_writes();
+            if let Some(busy) = &writes.building {
+                return Err(BuildError::Busy(busy.generation.version));
+            }
+            writes.building = Some(Building {
+                generation: generation.clone(),
+                touched: HashSet::new(),
+            });
+        }
+        let result = self.fill_and_swap(context, &generation, progress, started);
+        if result.is_err() {
+            self.lock_writes().building = None;
+        }
+        result
+    }
+
+    fn fill_and_swap(
+        &self,
+        context: &BuildContext,
+        generation: &Arc<Generation>,
+        progress: &BuildProgress,
+        started: Instant,
+    ) -> Result<SwapReport, BuildError> {
+        let store = &context.store;
+        let mut rows = Vec::new();
+        store.for_each_input(|row| {
+            rows.push(row);
+            Ok::<(), StoreError>(())
+        })?;
+        progress.total.store(rows.len() as u64, Ordering::Relaxed);
+        progress.done.store(0, Ordering::Relaxed);
+        let mut refreshes = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(BUILD_BATCH) {
+            let batch_started = Instant::now();
+            let embedded = embed_rows(generation, chunk)?;
+            {
+                let writes = self.lock_writes();
+                let touched = writes.building.as_ref().map(|b| &b.touched);
+                let fresh: Vec<_> = embedded
+                    .into_iter()
+                    .filter(|r| !touched.is_some_and(|t| t.contains(&r.id)))
+                    .collect();
+                insert(generation, chunk, &fresh)?;
+                refreshes.extend(fresh);
+            }
+            progress
+                .done
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            context.metrics.reembedded_items.inc_by(chunk.len() as u64);
+            throttle(context.reembed_rate, chunk.len(), batch_started);
+        }
+        // Catch up with writes made meanwhile until few remain.
+        loop {
+            let touched = self.take_touched();
+            if touched.len() <= SWAP_REMAINDER {
+                self.restore_touched(touched);
+                break;
+            }
+            refreshes.extend(self.catch_up(store, generation, touched)?);
+        }
+        let swap_started = Instant::now();
+        let previous = {
+            let mut writes = self.lock_writes();
+            let touched = writes
+                .building
+                .as_mut()
+                .map(|b| std::mem::take(&mut b.touched))
+                .unwrap_or_default();
+            refreshes.extend(self.embed_touched(store, generation, touched)?);
+            let previous = self.live().map(|g| g.version);
+            self.live.store(Some(generation.clone()));
+            writes.building = None;
+            previous
+        };
+        let swap_seconds = swap_started.elapsed().as_secs_f64();
+        store.set_meta(META_ACTIVE_VERSION, &generation.version.to_string())?;
+        for chunk in refreshes.chunks(BUILD_BATCH * 4) {
+            store.refresh_embeddings(chunk)?;
+        }
+        Ok(SwapReport {
+            version: generation.version,
+            previous,
+            items: generation.index.len(),
+            build_seconds: started.elapsed().as_secs_f64(),
+            swap_seconds,
+        })
+    }
+
+    fn take_touched(&self) -> HashSet<String> {
+        let mut writes = self.lock_writes();
+        writes
+            .building
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.touched))
+            .unwrap_or_default()
+    }
+
+    fn restore_touched(&self, ids: HashSet<String>) {
+        if let Some(building) = self.lock_writes().building.as_mut() {
+            building.touched.extend(ids);
+        }
+    }
+
+    /// Re-reads touched items and embeds them outside the write lock; items touched again
+    /// meanwhile stay touched for the next round.
+    fn catch_up(
+        &self,
+        store: &Store,
+        generation: &Generation,
+        touched: HashSet<String>,
+    ) -> Result<Vec<EmbeddingRefresh>, BuildError> {
+        let ids: Vec<String> = touched.into_iter().collect();
+        let rows = store.inputs_of(&ids)?;
+        let embedded = embed_rows(generation, &rows)?;
+        let writes = self.lock_writes();
+        let again = writes.building.as_ref().map(|b| &b.touched);
+        let fresh: Vec<_> = embedded
+            .into_iter()
+            .filter(|r| !again.is_some_and(|t| t.contains(&r.id)))
+            .collect();
+        apply_deletes(generation, &ids, &rows);
+        insert(generation, &rows, &fresh)?;
+        Ok(fresh)
+    }
+
+    /// Embeds the last touched items while the caller holds the write lock.
+    fn embed_touched(
+        &self,
+        store: &Store,
+        generation: &Generation,
+        touched: HashSet<String>,
+    ) -> Result<Vec<EmbeddingRefresh>, BuildError> {
+        let ids: Vec<String> = touched.into_iter().collect();
+        let rows = store.inputs_of(&ids)?;
+        let embedded = embed_rows(generation, &rows)?;
+        apply_deletes(generation, &ids, &rows);
+        insert(generation, &rows, &embedded)?;
+        Ok(embedded)
+    }
+}
+
+/// Embeds stored inputs with the generation's model.
+fn embed_rows(
+    generation: &Generation,
+    rows: &[InputRow],
+) -> Result<Vec<EmbeddingRefresh>, BuildError> {
+    let spec = &generation.info.spec.input;
+    let values = rows
+        .iter()
+        .map(|row| {
+            values_from_raw(&row.input, &row.input_kind, spec).map_err(|e| WriteError::Input {
+                id: row.id.clone(),
+                message: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let vectors = generation.embedder.embed_blocking(values)?;
+    Ok(rows
+        .iter()
+        .zip(vectors)
+        .map(|(row, embedding)| EmbeddingRefresh {
+            id: row.id.clone(),
+            seq: row.seq,
+            embedding,
+            model_version: generation.version,
+        })
+        .collect())
+}
+
+/// Adds embedded rows (a subset of `rows`, matched by id) to the generation's index.
+fn insert(
+    generation: &Generation,
+    rows: &[InputRow],
+    embedded: &[EmbeddingRefresh],
+) -> Result<(), BuildError> {
+    let labels: std::collections::HashMap<&str, Option<&str>> = rows
+        .iter()
+        .map(|r| (r.id.as_str(), r.label.as_deref()))
+        .collect();
+    let batch: Vec<_> = embedded
+        .iter()
+        .map(|r| {
+            (
+                r.id.as_str(),
+                labels.get(r.id.as_str()).copied().flatten(),
+                r.embedding.as_slice(),
+            )
+        })
+        .collect();
+    generation.index.upsert_batch(&batch)?;
+    Ok(())
+}
+
+/// Removes from the new index the touched ids that no longer exist in the store.
+fn apply_deletes(generation: &Generation, ids: &[String], rows: &[InputRow]) {
+    let present: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    for id in ids.iter().filter(|id| !present.contains(id.as_str())) {
+        generation.index.remove(id);
+    }
+}
+
+/// Sleeps so that re-embedding stays under `rate` items per second.
+fn throttle(rate: f64, items: usize, since: Instant) {
+    if rate > 0.0 {
+        let budget = Duration::from_secs_f64(items as f64 / rate);
+        if let Some(rest) = budget.checked_sub(since.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+}
