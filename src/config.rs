@@ -29,6 +29,38 @@ pub struct Config {
     pub index: IndexParams,
     /// Search limits.
     pub search: SearchConfig,
+    /// The online trainer.
+    pub trainer: TrainerConfig,
+}
+
+/// `[trainer]` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// Run the background trainer.
+    pub enabled: bool,
+    /// Start paused.
+    pub start_paused: bool,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Classes per batch (P).
+    pub classes_per_batch: usize,
+    /// Examples per class (K).
+    pub per_class: usize,
+    /// Fraction of wall time spent stepping.
+    pub duty_cycle: f64,
+    /// Steps between published generations.
+    pub publish_every: usize,
+    /// Most items re-embedded per second while building a generation (0 = unlimited).
+    pub reembed_rate: f64,
+    /// Labelled items embedded by consecutive generations to measure drift.
+    pub probe_size: usize,
+    /// Largest random translation in pixels.
+    pub max_shift: usize,
+    /// Random horizontal flips.
+    pub flip: bool,
+    /// Loss and XBM memory.
+    pub objective: crate::train::objective::Objective,
 }
 
 /// `[server]` settings.

@@ -58,7 +58,7 @@ pub struct Metrics {
 }
 
 /// Routes pre-registered in the request counters so they appear before first use.
-pub const ROUTES: [&str; 9] = [
+pub const ROUTES: [&str; 14] = [
     "/healthz",
     "/readyz",
     "/metrics",
@@ -67,7 +67,12 @@ pub const ROUTES: [&str; 9] = [
     "/v1/items",
     "/v1/items/{id}",
     "/v1/search",
-    "unmatched",
+    "/v1/trainer",
+    "/v1/trainer/pause",
+    "/v1/trainer/resume",
+    "/v1/trainer/publish",
+    "/v1/models",
+    "/v1/models/{version}/activate",
 ];
 
 fn latency_buckets() -> Vec<f64> {
@@ -186,7 +191,11 @@ impl Metrics {
             rejected.with_label_values(&[reason]);
         }
         for route in ROUTES {
-            let method = if matches!(route, "/v1/embed" | "/v1/items" | "/v1/search") {
+            let method = if route.starts_with("/v1/")
+                && !matches!(
+                    route,
+                    "/v1/info" | "/v1/items/{id}" | "/v1/trainer" | "/v1/models"
+                ) {
                 "POST"
             } else {
                 "GET"

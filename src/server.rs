@@ -15,8 +15,9 @@ use crate::index::VectorIndex;
 use crate::metrics::Metrics;
 use crate::model::spec::ModelSpec;
 use crate::registry::builder::META_ACTIVE_VERSION;
-use crate::registry::{Generation, Registry};
+use crate::registry::{BuildContext, Generation, Publisher, Registry};
 use crate::store::{EmbeddingRefresh, GenerationRecord, Store};
+use crate::train::online::{self, OnlineContext};
 
 /// Store meta key: fingerprint of the configured base model when it was last registered.
 const META_BASE_FINGERPRINT: &str = "base_model_fingerprint";
@@ -36,9 +37,13 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Stops accepting connections and waits for in-flight requests to finish.
+    /// Stops accepting connections, waits for in-flight requests to finish and stops the
+    /// trainer.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
+        if let Some(trainer) = &self.state.trainer {
+            trainer.stop();
+        }
         self.task.await??;
         Ok(())
     }
@@ -60,11 +65,38 @@ pub async fn start(
     let metrics = Arc::new(Metrics::new()?);
     let data_dir = config.server.data_dir.clone();
     let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??);
+    let registry = Arc::new(Registry::new());
+    let device = crate::model::parse_device(&config.model.device)?;
+    let publisher = Publisher::new(
+        registry.clone(),
+        BuildContext {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            limits: batching_limits(&config),
+            device: config.model.device.clone(),
+            index: config.index.clone(),
+            reembed_rate: config.trainer.reembed_rate,
+        },
+    );
+    let trainer = if config.trainer.enabled {
+        Some(online::spawn(OnlineContext {
+            config: config.trainer.clone(),
+            store: store.clone(),
+            publisher: publisher.clone(),
+            data_dir: config.server.data_dir.clone(),
+            device,
+            metrics: metrics.clone(),
+        })?)
+    } else {
+        None
+    };
     let state = AppState {
         config: config.clone(),
         metrics: metrics.clone(),
         store: store.clone(),
-        registry: Arc::new(Registry::new()),
+        registry,
+        publisher,
+        trainer,
     };
     let listener = tokio::net::TcpListener::bind(&config.server.addr).await?;
     let addr = listener.local_addr()?;

@@ -19,8 +19,9 @@ use axum::Router;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Publisher, Registry};
 use crate::store::Store;
+use crate::train::online::TrainerHandle;
 use error::{ApiError, RejectReason};
 
 /// Everything a handler needs, shared by all requests.
@@ -34,6 +35,10 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// The live generation (model + index) and the write path.
     pub registry: Arc<Registry>,
+    /// Builds and swaps generations in the background.
+    pub publisher: Arc<Publisher>,
+    /// The online trainer, when enabled.
+    pub trainer: Option<TrainerHandle>,
 }
 
 /// Builds the router with every route, the body limit and the metrics layer.
@@ -51,6 +56,15 @@ pub fn router(state: AppState) -> Router {
             get(handlers::get_item).delete(handlers::delete_item),
         )
         .route("/v1/search", post(handlers::search))
+        .route("/v1/trainer", get(handlers::trainer_status))
+        .route("/v1/trainer/pause", post(handlers::trainer_pause))
+        .route("/v1/trainer/resume", post(handlers::trainer_resume))
+        .route("/v1/trainer/publish", post(handlers::trainer_publish))
+        .route("/v1/models", get(handlers::list_models))
+        .route(
+            "/v1/models/{version}/activate",
+            post(handlers::activate_model),
+        )
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(

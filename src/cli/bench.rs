@@ -115,6 +115,7 @@ fn embed_benchmark(args: &BenchArgs) -> anyhow::Result<()> {
     config.server.data_dir = data_dir.clone();
     config.model.dir = args.model.clone();
     config.model.device = args.device.clone();
+    config.trainer.enabled = false;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -227,8 +228,14 @@ fn search_benchmark(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let index = VectorIndex::new(args.dim, params.clone());
     let started = Instant::now();
-    for (i, v) in vectors.iter().enumerate() {
-        index.upsert(&i.to_string(), None, v)?;
+    let keys: Vec<String> = (0..vectors.len()).map(|i| i.to_string()).collect();
+    for (keys, vectors) in keys.chunks(10_000).zip(vectors.chunks(10_000)) {
+        let batch: Vec<_> = keys
+            .iter()
+            .zip(vectors)
+            .map(|(k, v)| (k.as_str(), None, v.as_slice()))
+            .collect();
+        index.upsert_batch(&batch)?;
     }
     let build_seconds = started.elapsed().as_secs_f64();
     let k = 10;

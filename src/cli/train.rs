@@ -9,7 +9,7 @@ use crate::embed::preprocess::image_to_input;
 use crate::model::builtin::{ARCHITECTURE, DEFAULT_WIDTHS};
 use crate::model::spec::{InputSpec, ModelFormat, ModelSpec};
 use crate::train::augment::Augment;
-use crate::train::loss::DEFAULT_MARGIN;
+use crate::train::objective::Objective;
 use crate::train::offline::{self, TrainConfig, TrainData, Trainer, WEIGHTS_FILE};
 
 /// Arguments of `crossbatch train`.
@@ -57,9 +57,9 @@ pub struct TrainArgs {
     /// Random horizontal flips.
     #[arg(long)]
     pub flip: bool,
-    /// Contrastive loss margin on cosine similarity.
-    #[arg(long, default_value_t = DEFAULT_MARGIN)]
-    pub margin: f64,
+    /// Pair loss and XBM cross-batch memory.
+    #[command(flatten)]
+    pub objective: Objective,
     /// Device: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -166,7 +166,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                     "--embedding-dim and --image-size apply to new models, not to --init"
                 );
             }
-            let trainer = Trainer::from_dir(dir, device, args.lr, args.margin)
+            let trainer = Trainer::from_dir(dir, device, args.lr, args.objective.pair_loss())
                 .with_context(|| format!("loading {}", dir.display()))?;
             let mut input = trainer.spec().input.clone();
             let values = preprocess(&dataset, &mut input, false);
@@ -185,7 +185,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 weights: WEIGHTS_FILE.into(),
             };
             (
-                Trainer::new(spec, device, args.lr, args.margin)?,
+                Trainer::new(spec, device, args.lr, args.objective.pair_loss())?,
                 values,
                 input,
             )
@@ -194,6 +194,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.name {
         trainer.set_name(name);
     }
+    trainer.set_memory(args.objective.memory());
 
     let mut class_names: Vec<String> = dataset.labels();
     class_names.sort();

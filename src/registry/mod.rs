@@ -14,6 +14,7 @@
 //! must (re-)embed before it may be swapped in.
 
 pub mod builder;
+pub mod publisher;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arc_swap::ArcSwapOption;
 
 pub use builder::{BuildContext, BuildError, BuildProgress, SwapReport};
+pub use publisher::{LastBuild, Publisher};
 
 use crate::embed::preprocess::values_from_raw;
 use crate::embed::{EmbedError, Embedder, ModelInfo};

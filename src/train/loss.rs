@@ -33,6 +33,48 @@ fn check_rows(
     Ok(size[0])
 }
 
+/// Positive (same label, other id) and negative (other label, other id) pair masks `[N, M]`.
+fn pair_masks(
+    query_labels: &Tensor,
+    query_ids: &Tensor,
+    ref_labels: &Tensor,
+    ref_ids: &Tensor,
+) -> Result<(Tensor, Tensor), TrainError> {
+    let same_label = query_labels
+        .f_view([-1, 1])?
+        .f_eq_tensor(&ref_labels.f_view([1, -1])?)?;
+    let other_id = query_ids
+        .f_view([-1, 1])?
+        .f_ne_tensor(&ref_ids.f_view([1, -1])?)?;
+    let positive = same_label.f_logical_and(&other_id)?;
+    let negative = same_label.f_logical_not()?.f_logical_and(&other_id)?;
+    Ok((positive, negative))
+}
+
+/// Checks both sets and returns `(number of queries, similarity [N, M], positive mask,
+/// negative mask)`.
+fn similarities(
+    query: &Tensor,
+    query_labels: &Tensor,
+    query_ids: &Tensor,
+    reference: &Tensor,
+    ref_labels: &Tensor,
+    ref_ids: &Tensor,
+) -> Result<(i64, Tensor, Tensor, Tensor), TrainError> {
+    let n = check_rows("query", query, query_labels, query_ids)?;
+    check_rows("reference", reference, ref_labels, ref_ids)?;
+    if query.size()[1] != reference.size()[1] {
+        return Err(TrainError::Shape(format!(
+            "query dimension {} differs from reference dimension {}",
+            query.size()[1],
+            reference.size()[1]
+        )));
+    }
+    let sim = query.f_matmul(&reference.f_tr()?)?;
+    let (positive, negative) = pair_masks(query_labels, query_ids, ref_labels, ref_ids)?;
+    Ok((n, sim, positive, negative))
+}
+
 /// Contrastive loss on cosine similarity `s = q · r` (rows assumed L2-normalised).
 ///
 /// For every query (anchor) and every reference with a different example id: a positive
@@ -48,34 +90,157 @@ pub fn contrastive_loss(
     ref_ids: &Tensor,
     margin: f64,
 ) -> Result<Tensor, TrainError> {
-    let n = check_rows("query", query, query_labels, query_ids)?;
-    check_rows("reference", reference, ref_labels, ref_ids)?;
-    if query.size()[1] != reference.size()[1] {
-        return Err(TrainError::Shape(format!(
-            "query dimension {} differs from reference dimension {}",
-            query.size()[1],
-            reference.size()[1]
-        )));
-    }
+    let (n, sim, positive, negative) = similarities(
+        query,
+        query_labels,
+        query_ids,
+        reference,
+        ref_labels,
+        ref_ids,
+    )?;
     if n == 0 {
         return Ok(query.f_sum(query.kind())? * 0.0);
     }
-    let sim = query.f_matmul(&reference.f_tr()?)?;
-    let same_label = query_labels
-        .f_view([-1, 1])?
-        .f_eq_tensor(&ref_labels.f_view([1, -1])?)?;
-    let other_id = query_ids
-        .f_view([-1, 1])?
-        .f_ne_tensor(&ref_ids.f_view([1, -1])?)?;
-    let positive = same_label.f_logical_and(&other_id)?.f_to_kind(sim.kind())?;
-    let hard_negative = same_label
-        .f_logical_not()?
-        .f_logical_and(&other_id)?
+    let positive = positive.f_to_kind(sim.kind())?;
+    let hard_negative = negative
         .f_logical_and(&sim.f_gt(margin)?)?
         .f_to_kind(sim.kind())?;
     let pos = ((sim.ones_like() - &sim) * positive).f_sum(sim.kind())?;
     let neg = (&sim * hard_negative).f_sum(sim.kind())?;
     Ok((pos + neg) / n as f64)
+}
+
+/// Hyper-parameters of the multi-similarity loss (Wang et al., CVPR 2019), as used by XBM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MultiSimilarity {
+    /// Similarity threshold λ.
+    pub thresh: f64,
+    /// Mining margin ε.
+    pub margin: f64,
+    /// Positive scale α.
+    pub alpha: f64,
+    /// Negative scale β.
+    pub beta: f64,
+}
+
+impl Default for MultiSimilarity {
+    fn default() -> Self {
+        MultiSimilarity {
+            thresh: 0.5,
+            margin: 0.1,
+            alpha: 2.0,
+            beta: 40.0,
+        }
+    }
+}
+
+/// Multi-similarity loss between a query and a reference set (self-pairs masked by id).
+///
+/// Mining per anchor: a negative is kept if `s_n + ε > min s_p`, a positive if
+/// `s_p − ε < max s_n`. Loss per anchor with at least one kept positive and one kept
+/// negative: `(1/α) log(1 + Σ e^{−α(s_p − λ)}) + (1/β) log(1 + Σ e^{β(s_n − λ)})`; anchors
+/// without both contribute 0. The sum is divided by the number of queries.
+pub fn multi_similarity_loss(
+    query: &Tensor,
+    query_labels: &Tensor,
+    query_ids: &Tensor,
+    reference: &Tensor,
+    ref_labels: &Tensor,
+    ref_ids: &Tensor,
+    params: MultiSimilarity,
+) -> Result<Tensor, TrainError> {
+    let (n, sim, positive, negative) = similarities(
+        query,
+        query_labels,
+        query_ids,
+        reference,
+        ref_labels,
+        ref_ids,
+    )?;
+    if n == 0 {
+        return Ok(query.f_sum(query.kind())? * 0.0);
+    }
+    let detached = sim.f_detach()?;
+    let min_pos = detached
+        .f_masked_fill(&positive.f_logical_not()?, f64::INFINITY)?
+        .f_amin([1i64].as_slice(), true)?;
+    let max_neg = detached
+        .f_masked_fill(&negative.f_logical_not()?, f64::NEG_INFINITY)?
+        .f_amax([1i64].as_slice(), true)?;
+    let kept_neg = negative.f_logical_and(&(&detached + params.margin).f_gt_tensor(&min_pos)?)?;
+    let kept_pos = positive.f_logical_and(&(&detached - params.margin).f_lt_tensor(&max_neg)?)?;
+    let zeros = sim.f_zeros_like()?;
+    let pos_exp = ((&sim - params.thresh) * -params.alpha)
+        .f_exp()?
+        .f_where_self(&kept_pos, &zeros)?;
+    let neg_exp = ((&sim - params.thresh) * params.beta)
+        .f_exp()?
+        .f_where_self(&kept_neg, &zeros)?;
+    let pos_term = (pos_exp.f_sum_dim_intlist([1i64].as_slice(), false, sim.kind())? + 1.0)
+        .f_log()?
+        / params.alpha;
+    let neg_term = (neg_exp.f_sum_dim_intlist([1i64].as_slice(), false, sim.kind())? + 1.0)
+        .f_log()?
+        / params.beta;
+    let has_both = kept_pos
+        .f_any_dim(1, false)?
+        .f_logical_and(&kept_neg.f_any_dim(1, false)?)?
+        .f_to_kind(sim.kind())?;
+    Ok(((pos_term + neg_term) * has_both).f_sum(sim.kind())? / n as f64)
+}
+
+/// The pair loss a trainer optimises, on batch vs batch and batch vs memory alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PairLoss {
+    /// [`contrastive_loss`] with this margin.
+    Contrastive {
+        /// Margin on cosine similarity.
+        margin: f64,
+    },
+    /// [`multi_similarity_loss`].
+    MultiSimilarity(MultiSimilarity),
+}
+
+impl PairLoss {
+    /// The loss of `query` against `reference` (self-pairs masked by id).
+    pub fn compute(
+        &self,
+        query: &Tensor,
+        query_labels: &Tensor,
+        query_ids: &Tensor,
+        reference: &Tensor,
+        ref_labels: &Tensor,
+        ref_ids: &Tensor,
+    ) -> Result<Tensor, TrainError> {
+        match *self {
+            PairLoss::Contrastive { margin } => contrastive_loss(
+                query,
+                query_labels,
+                query_ids,
+                reference,
+                ref_labels,
+                ref_ids,
+                margin,
+            ),
+            PairLoss::MultiSimilarity(params) => multi_similarity_loss(
+                query,
+                query_labels,
+                query_ids,
+                reference,
+                ref_labels,
+                ref_ids,
+                params,
+            ),
+        }
+    }
+
+    /// The similarity above which a negative counts as active, for logging.
+    pub fn negative_margin(&self) -> f64 {
+        match *self {
+            PairLoss::Contrastive { margin } => margin,
+            PairLoss::MultiSimilarity(params) => params.thresh,
+        }
+    }
 }
 
 /// Pair counts of a query/reference set, for logging.
@@ -105,14 +270,7 @@ pub fn pair_stats(
     check_rows("reference", reference, ref_labels, ref_ids)?;
     tch::no_grad(|| {
         let sim = query.f_matmul(&reference.f_tr()?)?;
-        let same_label = query_labels
-            .f_view([-1, 1])?
-            .f_eq_tensor(&ref_labels.f_view([1, -1])?)?;
-        let other_id = query_ids
-            .f_view([-1, 1])?
-            .f_ne_tensor(&ref_ids.f_view([1, -1])?)?;
-        let pos = same_label.f_logical_and(&other_id)?;
-        let neg = same_label.f_logical_not()?.f_logical_and(&other_id)?;
+        let (pos, neg) = pair_masks(query_labels, query_ids, ref_labels, ref_ids)?;
         let count = |m: &Tensor| m.f_sum(Kind::Int64).map(|t| t.int64_value(&[]));
         let mean = |m: &Tensor| -> Result<f64, TrainError> {
             let c = count(m)?;
@@ -307,6 +465,138 @@ mod tests {
             let fd = (fp - fm) / (2.0 * h);
             assert!(
                 (fd - grad[i]).abs() < 1e-6,
+                "coordinate {i}: fd {fd} vs autograd {}",
+                grad[i]
+            );
+        }
+        assert!(grad.iter().any(|g| g.abs() > 1e-3));
+    }
+
+    /// Plain-Rust multi-similarity reference (f64, loops).
+    #[allow(clippy::too_many_arguments)]
+    fn ms_brute_force(
+        q: &[Vec<f64>],
+        ql: &[i64],
+        qi: &[i64],
+        r: &[Vec<f64>],
+        rl: &[i64],
+        ri: &[i64],
+        p: MultiSimilarity,
+    ) -> f64 {
+        let mut total = 0.0;
+        for a in 0..q.len() {
+            let mut pos = Vec::new();
+            let mut neg = Vec::new();
+            for b in 0..r.len() {
+                if qi[a] == ri[b] {
+                    continue;
+                }
+                let s: f64 = q[a].iter().zip(&r[b]).map(|(x, y)| x * y).sum();
+                if ql[a] == rl[b] {
+                    pos.push(s);
+                } else {
+                    neg.push(s);
+                }
+            }
+            if pos.is_empty() || neg.is_empty() {
+                continue;
+            }
+            let min_pos = pos.iter().cloned().fold(f64::INFINITY, f64::min);
+            let max_neg = neg.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let kept_neg: Vec<f64> = neg
+                .iter()
+                .cloned()
+                .filter(|s| s + p.margin > min_pos)
+                .collect();
+            let kept_pos: Vec<f64> = pos
+                .iter()
+                .cloned()
+                .filter(|s| s - p.margin < max_neg)
+                .collect();
+            if kept_neg.is_empty() || kept_pos.is_empty() {
+                continue;
+            }
+            let pos_sum: f64 = kept_pos
+                .iter()
+                .map(|s| (-p.alpha * (s - p.thresh)).exp())
+                .sum();
+            let neg_sum: f64 = kept_neg
+                .iter()
+                .map(|s| (p.beta * (s - p.thresh)).exp())
+                .sum();
+            total += (1.0 + pos_sum).ln() / p.alpha + (1.0 + neg_sum).ln() / p.beta;
+        }
+        total / q.len() as f64
+    }
+
+    #[test]
+    fn multi_similarity_matches_brute_force_with_and_without_memory() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let params = MultiSimilarity::default();
+        let q = unit_rows(&mut rng, 10, 3);
+        let ql: Vec<i64> = (0..10).map(|i| i % 3).collect();
+        let qi: Vec<i64> = (200..210).collect();
+        let loss = |r: &[Vec<f64>], rl: &[i64], ri: &[i64]| {
+            PairLoss::MultiSimilarity(params)
+                .compute(
+                    &tensor(&q),
+                    &Tensor::from_slice(&ql),
+                    &Tensor::from_slice(&qi),
+                    &tensor(r),
+                    &Tensor::from_slice(rl),
+                    &Tensor::from_slice(ri),
+                )
+                .unwrap()
+                .double_value(&[])
+        };
+        let got = loss(&q, &ql, &qi);
+        let want = ms_brute_force(&q, &ql, &qi, &q, &ql, &qi, params);
+        assert!(want > 0.0);
+        assert!((got - want).abs() < 1e-9, "batch: {got} vs {want}");
+        let r = unit_rows(&mut rng, 15, 3);
+        let rl: Vec<i64> = (0..15).map(|i| i % 4).collect();
+        let mut ri: Vec<i64> = (0..15).collect();
+        ri[2] = 203;
+        let got = loss(&r, &rl, &ri);
+        let want = ms_brute_force(&q, &ql, &qi, &r, &rl, &ri, params);
+        assert!((got - want).abs() < 1e-9, "memory: {got} vs {want}");
+    }
+
+    #[test]
+    fn multi_similarity_gradient_matches_finite_differences() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (n, m, d) = (6usize, 8usize, 3usize);
+        let q: Vec<f64> = (0..n * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let r: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let ql = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]);
+        let qi = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5]);
+        let rl = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]);
+        let ri = Tensor::from_slice(&[0i64, 10, 11, 12, 4, 13, 14, 15]);
+        let eval = |qv: &[f64], track: bool| {
+            let qt = Tensor::from_slice(qv)
+                .view([n as i64, d as i64])
+                .set_requires_grad(track);
+            let qn = &qt / qt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
+            let rt = Tensor::from_slice(&r).view([m as i64, d as i64]);
+            let rn = &rt / rt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
+            let loss =
+                multi_similarity_loss(&qn, &ql, &qi, &rn, &rl, &ri, MultiSimilarity::default())
+                    .unwrap();
+            (qt, loss)
+        };
+        let (qt, loss) = eval(&q, true);
+        loss.backward();
+        let grad: Vec<f64> = Vec::try_from(&qt.grad().view([-1])).unwrap();
+        let h = 1e-6;
+        for i in 0..q.len() {
+            let (mut plus, mut minus) = (q.clone(), q.clone());
+            plus[i] += h;
+            minus[i] -= h;
+            let fd = (eval(&plus, false).1.double_value(&[])
+                - eval(&minus, false).1.double_value(&[]))
+                / (2.0 * h);
+            assert!(
+                (fd - grad[i]).abs() < 1e-5,
                 "coordinate {i}: fd {fd} vs autograd {}",
                 grad[i]
             );

@@ -102,10 +102,10 @@ impl CrossBatchMemory {
         let idx = take(ids, Kind::Int64)?;
         let written = Tensor::full([kept as i64], step as i64, (Kind::Int64, device));
         tch::no_grad(|| -> Result<(), TrainError> {
-            self.embeddings.f_index_copy_(0, &index, &emb)?;
-            self.labels.f_index_copy_(0, &index, &lab)?;
-            self.ids.f_index_copy_(0, &index, &idx)?;
-            self.steps.f_index_copy_(0, &index, &written)?;
+            let _ = self.embeddings.f_index_copy_(0, &index, &emb)?;
+            let _ = self.labels.f_index_copy_(0, &index, &lab)?;
+            let _ = self.ids.f_index_copy_(0, &index, &idx)?;
+            let _ = self.steps.f_index_copy_(0, &index, &written)?;
             Ok(())
         })?;
         self.head = (self.head + kept) % self.capacity;

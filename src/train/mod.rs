@@ -3,7 +3,9 @@
 pub mod augment;
 pub mod loss;
 pub mod memory;
+pub mod objective;
 pub mod offline;
+pub mod online;
 pub mod sampler;
 
 /// Errors from training.

@@ -14,7 +14,8 @@ use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::augment::Augment;
-use super::loss::{contrastive_loss, pair_stats};
+use super::loss::{pair_stats, PairLoss};
+use super::memory::CrossBatchMemory;
 use super::sampler::PkSampler;
 use super::TrainError;
 use crate::model::builtin::ResNetSmall;
@@ -52,6 +53,33 @@ pub struct StepStats {
     pub mean_positive: f64,
     /// Mean cosine similarity of negative pairs.
     pub mean_negative: f64,
+    /// Memory rows the batch was paired with (0 before XBM starts or without memory).
+    pub memory_rows: usize,
+}
+
+/// XBM settings of a trainer (see [`super::memory`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemorySettings {
+    /// Rows in the ring buffer; 0 turns XBM off.
+    pub size: usize,
+    /// Steps of warm-up before the memory is filled and used.
+    pub start_step: usize,
+    /// Weight of the batch-vs-memory loss term.
+    pub weight: f64,
+    /// Memory rows older than this many steps are ignored (`None`: no limit).
+    pub max_age: Option<u64>,
+}
+
+impl MemorySettings {
+    /// No cross-batch memory.
+    pub fn off() -> MemorySettings {
+        MemorySettings {
+            size: 0,
+            start_step: 0,
+            weight: 1.0,
+            max_age: None,
+        }
+    }
 }
 
 /// The network, its weights and the optimiser.
@@ -60,7 +88,9 @@ pub struct Trainer {
     net: ResNetSmall,
     opt: nn::Optimizer,
     spec: ModelSpec,
-    margin: f64,
+    loss: PairLoss,
+    memory: Option<CrossBatchMemory>,
+    memory_settings: MemorySettings,
     steps_done: usize,
 }
 
@@ -68,7 +98,8 @@ impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
             .field("spec", &self.spec)
-            .field("margin", &self.margin)
+            .field("loss", &self.loss)
+            .field("memory", &self.memory_settings)
             .field("steps_done", &self.steps_done)
             .finish_non_exhaustive()
     }
@@ -76,7 +107,12 @@ impl std::fmt::Debug for Trainer {
 
 impl Trainer {
     /// A freshly initialised builtin network for `spec` (weights seeded by `tch::manual_seed`).
-    pub fn new(spec: ModelSpec, device: Device, lr: f64, margin: f64) -> Result<Self, TrainError> {
+    pub fn new(
+        spec: ModelSpec,
+        device: Device,
+        lr: f64,
+        loss: PairLoss,
+    ) -> Result<Self, TrainError> {
         if spec.format != ModelFormat::Builtin {
             return Err(TrainError::Config(
                 "only builtin models can be trained".into(),
@@ -91,18 +127,37 @@ impl Trainer {
             net,
             opt,
             spec,
-            margin,
+            loss,
+            memory: None,
+            memory_settings: MemorySettings::off(),
             steps_done: 0,
         })
     }
 
     /// Continues from the builtin model in `dir` (fine-tuning).
-    pub fn from_dir(dir: &Path, device: Device, lr: f64, margin: f64) -> Result<Self, TrainError> {
+    pub fn from_dir(
+        dir: &Path,
+        device: Device,
+        lr: f64,
+        loss: PairLoss,
+    ) -> Result<Self, TrainError> {
         let spec = ModelSpec::load(dir)?;
         let weights = dir.join(&spec.weights);
-        let mut trainer = Trainer::new(spec, device, lr, margin)?;
+        let mut trainer = Trainer::new(spec, device, lr, loss)?;
         crate::model::load_builtin_weights(&mut trainer.vs, &weights)?;
         Ok(trainer)
+    }
+
+    /// Enables (or, with size 0, disables) the XBM cross-batch memory.
+    pub fn set_memory(&mut self, settings: MemorySettings) {
+        self.memory = (settings.size > 0)
+            .then(|| CrossBatchMemory::new(settings.size, self.spec.embedding_dim, self.device()));
+        self.memory_settings = settings;
+    }
+
+    /// Rows currently filled in the cross-batch memory (0 without one).
+    pub fn memory_fill(&self) -> usize {
+        self.memory.as_ref().map_or(0, CrossBatchMemory::len)
     }
 
     /// The model description the trainer writes.
@@ -144,14 +199,41 @@ impl Trainer {
         })
     }
 
-    /// One optimisation step on the batch's contrastive loss (batch vs batch), with `lr`.
+    /// One optimisation step with `lr`: pair loss of the batch against itself, plus (once
+    /// XBM has started) `weight ×` the pair loss against a memory snapshot taken before the
+    /// batch is enqueued.
     pub fn step(&mut self, batch: &Batch, lr: f64) -> Result<StepStats, TrainError> {
         let device = self.device();
         let labels = batch.labels.f_to_device(device)?;
         let ids = batch.ids.f_to_device(device)?;
         let emb = self.forward_train(&batch.inputs)?;
-        let loss = contrastive_loss(&emb, &labels, &ids, &emb, &labels, &ids, self.margin)?;
-        let stats = pair_stats(&emb, &labels, &ids, &emb, &labels, &ids, self.margin)?;
+        let mut loss = self
+            .loss
+            .compute(&emb, &labels, &ids, &emb, &labels, &ids)?;
+        let mut memory_rows = 0;
+        let settings = self.memory_settings;
+        if let Some(memory) = self
+            .memory
+            .as_mut()
+            .filter(|_| self.steps_done >= settings.start_step)
+        {
+            let step = self.steps_done as u64;
+            if let Some(snapshot) = memory.snapshot(step, settings.max_age)? {
+                memory_rows = snapshot.labels.size()[0] as usize;
+                let memory_loss = self.loss.compute(
+                    &emb,
+                    &labels,
+                    &ids,
+                    &snapshot.embeddings,
+                    &snapshot.labels,
+                    &snapshot.ids,
+                )?;
+                loss = loss + memory_loss * settings.weight;
+            }
+            memory.enqueue(&emb, &labels, &ids, step)?;
+        }
+        let margin = self.loss.negative_margin();
+        let stats = pair_stats(&emb, &labels, &ids, &emb, &labels, &ids, margin)?;
         self.opt.set_lr(lr);
         self.opt.zero_grad();
         loss.f_backward()?;
@@ -172,6 +254,7 @@ impl Trainer {
             active_negatives: stats.active_negatives,
             mean_positive: stats.mean_positive,
             mean_negative: stats.mean_negative,
+            memory_rows,
         })
     }
 
@@ -374,6 +457,8 @@ mod tests {
     use crate::model::spec::InputSpec;
     use crate::model::LoadedModel;
 
+    const CONTRASTIVE: PairLoss = PairLoss::Contrastive { margin: 0.5 };
+
     fn spec() -> ModelSpec {
         ModelSpec {
             name: "toy".into(),
@@ -453,8 +538,8 @@ mod tests {
         // Same initial weights (copied, so that other tests drawing from libtorch's global
         // generator in parallel cannot interfere), same seed → same run.
         tch::manual_seed(3);
-        let mut trainer = Trainer::new(spec(), Device::Cpu, 3e-3, 0.5).unwrap();
-        let mut twin = Trainer::new(spec(), Device::Cpu, 3e-3, 0.5).unwrap();
+        let mut trainer = Trainer::new(spec(), Device::Cpu, 3e-3, CONTRASTIVE).unwrap();
+        let mut twin = Trainer::new(spec(), Device::Cpu, 3e-3, CONTRASTIVE).unwrap();
         twin.vs.copy(&trainer.vs).unwrap();
         let summary = train(&mut trainer, &data, &config(40)).unwrap();
         let again = train(&mut twin, &data, &config(40)).unwrap();
@@ -486,7 +571,7 @@ mod tests {
         assert!(report.recall_at["1"] > 0.95, "{report:?}");
 
         // Fine-tuning continues from the saved weights.
-        let mut tuned = Trainer::from_dir(dir.path(), Device::Cpu, 1e-3, 0.5).unwrap();
+        let mut tuned = Trainer::from_dir(dir.path(), Device::Cpu, 1e-3, CONTRASTIVE).unwrap();
         let before = tuned
             .embed_eval(&Tensor::from_slice(&data.values[..64]).view([1, 1, 8, 8]))
             .unwrap();
@@ -501,13 +586,13 @@ mod tests {
     fn shape_mismatch_is_an_error() {
         let mut data = toy_data(2, 1);
         data.shape = [1, 4, 16];
-        let mut trainer = Trainer::new(spec(), Device::Cpu, 1e-3, 0.5).unwrap();
+        let mut trainer = Trainer::new(spec(), Device::Cpu, 1e-3, CONTRASTIVE).unwrap();
         assert!(matches!(
             train(&mut trainer, &data, &config(1)),
             Err(TrainError::Shape(_))
         ));
         let mut bad = spec();
         bad.widths = vec![];
-        assert!(Trainer::new(bad, Device::Cpu, 1e-3, 0.5).is_err());
+        assert!(Trainer::new(bad, Device::Cpu, 1e-3, CONTRASTIVE).is_err());
     }
 }

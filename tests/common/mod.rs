@@ -54,6 +54,8 @@ impl Server {
             .arg(data_dir)
             .env("RUST_LOG", "warn")
             .env("CROSSBATCH__MODEL__THREADS", "1")
+            // Tests that exercise the online trainer turn it back on.
+            .env("CROSSBATCH__TRAINER__ENABLED", "false")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (key, value) in env {

@@ -2,11 +2,15 @@
 
 mod embed;
 mod items;
+mod models;
 mod search;
 mod system;
 
 pub use embed::embed;
 pub use items::{delete_item, get_item, upsert_items};
+pub use models::{
+    activate_model, list_models, trainer_pause, trainer_publish, trainer_resume, trainer_status,
+};
 pub use search::search;
 pub use system::{healthz, info, metrics, readyz};
 

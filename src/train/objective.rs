@@ -1,0 +1,62 @@
+//! What a trainer optimises — pair loss and XBM memory — as one settings block shared by
+//! `crossbatch train` (flags) and the online trainer (`[trainer]` in the config file).
+use serde::{Deserialize, Serialize};
+
+use super::loss::{MultiSimilarity, PairLoss, DEFAULT_MARGIN};
+use super::offline::MemorySettings;
+
+/// The pair loss to train with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossKind {
+    /// Contrastive loss on cosine similarity (margin `--margin`).
+    Contrastive,
+    /// Multi-similarity loss (λ 0.5, ε 0.1, α 2, β 40).
+    MultiSimilarity,
+}
+
+/// Loss and cross-batch memory settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Objective {
+    /// Pair loss.
+    #[arg(long, value_enum, default_value = "contrastive")]
+    pub loss: LossKind,
+    /// Margin of the contrastive loss on cosine similarity.
+    #[arg(long, default_value_t = DEFAULT_MARGIN)]
+    pub margin: f64,
+    /// XBM memory rows (past embeddings); 0 turns XBM off.
+    #[arg(long, default_value_t = 0)]
+    pub memory_size: usize,
+    /// Warm-up steps before the memory is filled and used (embeddings drift fast early on).
+    #[arg(long, default_value_t = 0)]
+    pub memory_start: usize,
+    /// Weight of the batch-vs-memory loss term.
+    #[arg(long, default_value_t = 1.0)]
+    pub memory_weight: f64,
+    /// Ignore memory rows older than this many steps (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    pub memory_max_age: u64,
+}
+
+impl Objective {
+    /// The pair loss these settings select.
+    pub fn pair_loss(&self) -> PairLoss {
+        match self.loss {
+            LossKind::Contrastive => PairLoss::Contrastive {
+                margin: self.margin,
+            },
+            LossKind::MultiSimilarity => PairLoss::MultiSimilarity(MultiSimilarity::default()),
+        }
+    }
+
+    /// The XBM settings.
+    pub fn memory(&self) -> MemorySettings {
+        MemorySettings {
+            size: self.memory_size,
+            start_step: self.memory_start,
+            weight: self.memory_weight,
+            max_age: (self.memory_max_age > 0).then_some(self.memory_max_age),
+        }
+    }
+}

@@ -1,0 +1,570 @@
+//! The online trainer: a background thread that keeps fine-tuning the served model on the
+//! labelled items in the store and publishes new generations.
+//!
+//! It reuses the offline [`Trainer`] (same losses, same XBM memory) on P×K batches sampled
+//! from the store, sleeps between steps to respect `duty_cycle`, and every `publish_every`
+//! steps (or on request) writes a checkpoint to `DATA_DIR/generations/VERSION/`, records it
+//! with its training metrics and drift, and hands it to the [`Publisher`], which re-embeds
+//! the gallery beside the live generation and swaps. If another generation goes live that it
+//! did not publish (a rollback through the API), it restarts from that generation's weights.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+use tch::{Device, Tensor};
+
+use super::augment::Augment;
+use super::offline::{Batch, Trainer};
+use super::sampler::PkSampler;
+use super::TrainError;
+use crate::config::TrainerConfig;
+use crate::embed::preprocess::values_from_raw;
+use crate::metrics::Metrics;
+use crate::model::spec::InputSpec;
+use crate::registry::Publisher;
+use crate::store::{GenerationRecord, Store};
+
+/// Steps between re-reads of the labelled examples from the store.
+const REFRESH_EVERY_STEPS: usize = 50;
+/// How long an idle or paused trainer waits before looking again.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// What the trainer is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainerState {
+    /// Waiting for the first live generation.
+    Starting,
+    /// Not enough labelled examples (2 labels with 2 examples each).
+    Idle,
+    /// Taking steps.
+    Training,
+    /// Paused through the API.
+    Paused,
+    /// The live model cannot be fine-tuned (see `message`).
+    Unsupported,
+}
+
+/// The trainer's state as `GET /v1/trainer` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainerStatus {
+    /// What it is doing.
+    pub state: TrainerState,
+    /// Steps since the trainer (re)started from a generation.
+    pub step: usize,
+    /// Loss of the last step.
+    pub loss: Option<f64>,
+    /// Rows filled in the XBM memory.
+    pub memory_fill: usize,
+    /// XBM memory capacity.
+    pub memory_size: usize,
+    /// Steps per second over the recent steps.
+    pub steps_per_second: f64,
+    /// Drift measured at the last publish (mean squared distance of probe embeddings).
+    pub last_drift: Option<f64>,
+    /// Generation the trainer's weights started from.
+    pub base_generation: Option<u64>,
+    /// Last generation the trainer published.
+    pub last_published: Option<u64>,
+    /// Labelled examples and labels it samples from.
+    pub examples: usize,
+    /// Labels with at least two examples.
+    pub trainable_labels: usize,
+    /// Why the trainer cannot run, when it cannot.
+    pub message: Option<String>,
+}
+
+#[derive(Debug)]
+struct Control {
+    stopped: bool,
+    paused: bool,
+    publish_requested: bool,
+    status: TrainerStatus,
+}
+
+/// Handle to the trainer thread: status and control.
+#[derive(Clone)]
+pub struct TrainerHandle {
+    shared: Arc<(Mutex<Control>, Condvar)>,
+}
+
+impl TrainerHandle {
+    fn lock(&self) -> MutexGuard<'_, Control> {
+        self.shared.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot of the trainer's status.
+    pub fn status(&self) -> TrainerStatus {
+        self.lock().status.clone()
+    }
+
+    /// Stops taking steps until [`TrainerHandle::resume`].
+    pub fn pause(&self) {
+        let mut control = self.lock();
+        control.paused = true;
+        control.status.state = TrainerState::Paused;
+    }
+
+    /// Resumes training.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.shared.1.notify_all();
+    }
+
+    /// Ends the trainer thread (after its current step).
+    pub fn stop(&self) {
+        self.lock().stopped = true;
+        self.shared.1.notify_all();
+    }
+
+    /// Publishes a generation after the next step (even while paused, if it has trained).
+    pub fn request_publish(&self) {
+        self.lock().publish_requested = true;
+        self.shared.1.notify_all();
+    }
+}
+
+/// What the trainer thread needs.
+pub struct OnlineContext {
+    /// Trainer settings.
+    pub config: TrainerConfig,
+    /// The store it reads examples from and records generations in.
+    pub store: Arc<Store>,
+    /// Where it publishes.
+    pub publisher: Arc<Publisher>,
+    /// Checkpoints go to `data_dir/generations/VERSION/`.
+    pub data_dir: PathBuf,
+    /// Device for training.
+    pub device: Device,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Starts the trainer thread.
+pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
+    let handle = TrainerHandle {
+        shared: Arc::new((
+            Mutex::new(Control {
+                stopped: false,
+                paused: context.config.start_paused,
+                publish_requested: false,
+                status: TrainerStatus {
+                    state: TrainerState::Starting,
+                    step: 0,
+                    loss: None,
+                    memory_fill: 0,
+                    memory_size: context.config.objective.memory_size,
+                    steps_per_second: 0.0,
+                    last_drift: None,
+                    base_generation: None,
+                    last_published: None,
+                    examples: 0,
+                    trainable_labels: 0,
+                    message: None,
+                },
+            }),
+            Condvar::new(),
+        )),
+    };
+    let thread_handle = handle.clone();
+    std::thread::Builder::new()
+        .name("online-trainer".into())
+        .spawn(move || run(context, thread_handle))?;
+    Ok(handle)
+}
+
+/// The trainer's weights plus what it knows about where they came from.
+struct Session {
+    trainer: Trainer,
+    base: u64,
+    published: Vec<u64>,
+    probe: Option<Probe>,
+    steps: usize,
+}
+
+/// A fixed set of labelled inputs embedded by each published generation to measure drift.
+struct Probe {
+    inputs: Tensor,
+    last: Tensor,
+}
+
+fn run(context: OnlineContext, handle: TrainerHandle) {
+    let mut pool = ExamplePool::default();
+    let mut session: Option<Session> = None;
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let mut recent = std::collections::VecDeque::new();
+    while !handle.lock().stopped {
+        let Some(live) = context.publisher.registry().live() else {
+            std::thread::sleep(IDLE_WAIT);
+            continue;
+        };
+        // Start, or restart after a generation went live that this trainer did not publish.
+        let foreign = session
+            .as_ref()
+            .is_none_or(|s| live.version != s.base && !s.published.contains(&live.version));
+        if foreign {
+            match start_session(&context, live.version) {
+                Ok(new_session) => {
+                    session = Some(new_session);
+                    let mut control = handle.lock();
+                    control.status.base_generation = Some(live.version);
+                    control.status.step = 0;
+                    control.status.message = None;
+                }
+                Err(message) => {
+                    set_state(&handle, TrainerState::Unsupported, Some(message));
+                    std::thread::sleep(IDLE_WAIT * 10);
+                    continue;
+                }
+            }
+        }
+        let Some(current) = session.as_mut() else {
+            continue;
+        };
+        if handle.lock().paused {
+            maybe_publish(&context, &handle, current);
+            wait(&handle);
+            continue;
+        }
+        if current.steps % REFRESH_EVERY_STEPS == 0 || pool.sampler.is_none() {
+            if let Err(e) = pool.refresh(&context.store, &context.config, rng_seed(&mut rng)) {
+                tracing::warn!("trainer cannot read examples: {e}");
+            }
+            let mut control = handle.lock();
+            control.status.examples = pool.examples.len();
+            control.status.trainable_labels = pool.trainable_labels;
+        }
+        let Some(batch_ids) = pool.sampler.as_mut().map(PkSampler::next_batch) else {
+            set_state(&handle, TrainerState::Idle, None);
+            wait(&handle);
+            continue;
+        };
+        let started = Instant::now();
+        match train_step(&context, current, &mut pool, &batch_ids, &mut rng) {
+            Ok(loss) => {
+                current.steps += 1;
+                let seconds = started.elapsed().as_secs_f64();
+                context.metrics.trainer_steps.inc();
+                context.metrics.trainer_loss.set(loss);
+                context.metrics.trainer_step_seconds.observe(seconds);
+                let fill = current.trainer.memory_fill();
+                context.metrics.memory_fill.set(fill as i64);
+                recent.push_back(Instant::now());
+                while recent.len() > 50 {
+                    recent.pop_front();
+                }
+                let rate = match (recent.front(), recent.back()) {
+                    (Some(first), Some(last)) if recent.len() > 1 => {
+                        (recent.len() - 1) as f64
+                            / last.duration_since(*first).as_secs_f64().max(1e-9)
+                    }
+                    _ => 0.0,
+                };
+                {
+                    let mut control = handle.lock();
+                    control.status.state = TrainerState::Training;
+                    control.status.step = current.steps;
+                    control.status.loss = Some(loss);
+                    control.status.memory_fill = fill;
+                    control.status.steps_per_second = rate;
+                }
+                if current.steps % context.config.publish_every.max(1) == 0 {
+                    handle.lock().publish_requested = true;
+                }
+                maybe_publish(&context, &handle, current);
+                let duty = context.config.duty_cycle.clamp(0.01, 1.0);
+                std::thread::sleep(Duration::from_secs_f64(seconds * (1.0 - duty) / duty));
+            }
+            Err(e) => {
+                tracing::warn!("trainer step failed: {e}");
+                pool.sampler = None;
+                std::thread::sleep(IDLE_WAIT);
+            }
+        }
+    }
+}
+
+fn rng_seed(rng: &mut StdRng) -> u64 {
+    rand::Rng::gen(rng)
+}
+
+fn set_state(handle: &TrainerHandle, state: TrainerState, message: Option<String>) {
+    let mut control = handle.lock();
+    if !control.paused {
+        control.status.state = state;
+    }
+    control.status.message = message;
+}
+
+fn wait(handle: &TrainerHandle) {
+    let control = handle.lock();
+    let _ = handle.shared.1.wait_timeout(control, IDLE_WAIT);
+}
+
+/// Loads the trainer from a recorded generation's weights.
+fn start_session(context: &OnlineContext, version: u64) -> Result<Session, String> {
+    let records = context.store.generations().map_err(|e| e.to_string())?;
+    let record = records
+        .iter()
+        .find(|r| r.version == version)
+        .ok_or_else(|| format!("generation {version} is not recorded"))?;
+    let objective = &context.config.objective;
+    let mut trainer = Trainer::from_dir(
+        &record.model_dir,
+        context.device,
+        context.config.lr,
+        objective.pair_loss(),
+    )
+    .map_err(|e| format!("generation {version} cannot be fine-tuned: {e}"))?;
+    trainer.set_memory(objective.memory());
+    tracing::info!(version, "online trainer starts from generation");
+    Ok(Session {
+        trainer,
+        base: version,
+        published: Vec::new(),
+        probe: None,
+        steps: 0,
+    })
+}
+
+fn train_step(
+    context: &OnlineContext,
+    session: &mut Session,
+    pool: &mut ExamplePool,
+    batch: &[usize],
+    rng: &mut StdRng,
+) -> Result<f64, TrainError> {
+    let input = session.trainer.spec().input.clone();
+    let (values, labels, ids) = pool.batch(&context.store, batch, &input)?;
+    let shape = input.shape();
+    let augment = Augment {
+        max_shift: context.config.max_shift,
+        flip: context.config.flip,
+        fill: input
+            .mean
+            .iter()
+            .zip(&input.std)
+            .map(|(m, s)| -m / s)
+            .collect(),
+    };
+    let augmented = augment.apply(&values, shape, rng)?;
+    let [c, h, w] = shape.map(|d| d as i64);
+    let batch = Batch {
+        inputs: Tensor::f_from_slice(&augmented)?.f_view([labels.len() as i64, c, h, w])?,
+        labels: Tensor::f_from_slice(&labels)?,
+        ids: Tensor::f_from_slice(&ids)?,
+    };
+    if session.probe.is_none() {
+        session.probe = pool.probe(&context.store, &session.trainer, context.config.probe_size)?;
+    }
+    Ok(session.trainer.step(&batch, context.config.lr)?.loss)
+}
+
+/// Publishes a generation if one was requested, the trainer has taken steps since its base,
+/// and no build is running.
+fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut Session) {
+    if !handle.lock().publish_requested || session.steps == 0 || context.publisher.is_busy() {
+        return;
+    }
+    handle.lock().publish_requested = false;
+    match publish(context, session) {
+        Ok((version, drift)) => {
+            session.published.push(version);
+            if let Some(drift) = drift {
+                context.metrics.drift.set(drift);
+            }
+            let mut control = handle.lock();
+            control.status.last_published = Some(version);
+            control.status.last_drift = drift.or(control.status.last_drift);
+        }
+        Err(e) => tracing::error!("publishing a generation failed: {e:#}"),
+    }
+}
+
+fn publish(context: &OnlineContext, session: &mut Session) -> anyhow::Result<(u64, Option<f64>)> {
+    let store = &context.store;
+    let recorded = store.generations()?.last().map_or(0, |g| g.version);
+    let live = context.publisher.registry().live().map_or(0, |g| g.version);
+    let version = recorded.max(live) + 1;
+    let dir = context
+        .data_dir
+        .join("generations")
+        .join(version.to_string());
+    write_checkpoint(&session.trainer, &dir)?;
+    let drift = match session.probe.as_mut() {
+        Some(probe) => {
+            let now = session.trainer.embed_eval(&probe.inputs)?;
+            let drift = (&now - &probe.last)
+                .f_pow_tensor_scalar(2)?
+                .f_sum_dim_intlist([1i64].as_slice(), false, tch::Kind::Float)?
+                .f_mean(tch::Kind::Double)?
+                .f_double_value(&[])?;
+            probe.last = now;
+            Some(drift)
+        }
+        None => None,
+    };
+    store.record_generation(&GenerationRecord {
+        version,
+        model_dir: dir.clone(),
+        created_unix: crate::server::unix_now(),
+        details: serde_json::json!({
+            "origin": "trainer",
+            "parent": session.published.last().copied().unwrap_or(session.base),
+            "steps": session.steps,
+            "drift": drift,
+            "objective": context.config.objective,
+        }),
+    })?;
+    context.publisher.start(version, dir)?;
+    tracing::info!(
+        version,
+        steps = session.steps,
+        ?drift,
+        "published a generation"
+    );
+    Ok((version, drift))
+}
+
+/// Writes the checkpoint to a temporary directory, syncs it and renames it into place, so a
+/// crash never leaves a half-written generation behind.
+fn write_checkpoint(trainer: &Trainer, dir: &Path) -> anyhow::Result<()> {
+    let tmp = dir.with_extension("partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    trainer.save(&tmp)?;
+    for entry in std::fs::read_dir(&tmp)? {
+        std::fs::File::open(entry?.path())?.sync_all()?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The labelled examples the trainer samples from, with decoded inputs cached by id.
+#[derive(Default)]
+struct ExamplePool {
+    /// `(id, label, seq)` of the current examples.
+    examples: Vec<(String, String, u64)>,
+    /// Stable numeric class per label (new labels get new numbers; never reused).
+    class_of: HashMap<String, i64>,
+    /// Stable numeric id per item id, for masking self-pairs in the memory.
+    numeric_id: HashMap<String, i64>,
+    /// Decoded inputs by id, with the seq they were read at.
+    cache: HashMap<String, (u64, Vec<f32>)>,
+    sampler: Option<PkSampler>,
+    trainable_labels: usize,
+}
+
+impl ExamplePool {
+    /// Re-reads the labelled examples and rebuilds the sampler over labels with ≥ 2 examples.
+    fn refresh(
+        &mut self,
+        store: &Store,
+        config: &TrainerConfig,
+        seed: u64,
+    ) -> Result<(), crate::store::StoreError> {
+        let examples = store.labelled_examples()?;
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for e in &examples {
+            *count.entry(e.label.as_str()).or_default() += 1;
+        }
+        let eligible: Vec<_> = examples
+            .iter()
+            .filter(|e| count[e.label.as_str()] >= 2)
+            .map(|e| (e.id.clone(), e.label.clone(), e.seq))
+            .collect();
+        let current: std::collections::HashSet<&str> =
+            eligible.iter().map(|e| e.0.as_str()).collect();
+        self.cache.retain(|id, _| current.contains(id.as_str()));
+        for (id, label, _) in &eligible {
+            let next = self.class_of.len() as i64;
+            self.class_of.entry(label.clone()).or_insert(next);
+            let next = self.numeric_id.len() as i64;
+            self.numeric_id.entry(id.clone()).or_insert(next);
+        }
+        self.trainable_labels = count.values().filter(|c| **c >= 2).count();
+        let classes: Vec<usize> = eligible
+            .iter()
+            .map(|e| self.class_of[&e.1] as usize)
+            .collect();
+        self.examples = eligible;
+        let p = config.classes_per_batch.min(self.trainable_labels);
+        self.sampler = if self.trainable_labels >= 2 {
+            PkSampler::new(&classes, p, config.per_class.max(1), seed).ok()
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Inputs, labels and numeric ids of the examples at `indices`.
+    fn batch(
+        &mut self,
+        store: &Store,
+        indices: &[usize],
+        input: &InputSpec,
+    ) -> Result<(Vec<f32>, Vec<i64>, Vec<i64>), TrainError> {
+        let wanted: Vec<&(String, String, u64)> = indices
+            .iter()
+            .filter_map(|&i| self.examples.get(i))
+            .collect();
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|(id, _, seq)| self.cache.get(id).is_none_or(|(cached, _)| cached != seq))
+            .map(|(id, _, _)| id.clone())
+            .collect();
+        if !missing.is_empty() {
+            let rows = store
+                .inputs_of(&missing)
+                .map_err(|e| TrainError::Config(e.to_string()))?;
+            for row in rows {
+                let values = values_from_raw(&row.input, &row.input_kind, input)
+                    .map_err(|e| TrainError::Config(format!("item {}: {e}", row.id)))?;
+                self.cache.insert(row.id, (row.seq, values));
+            }
+        }
+        let mut values = Vec::with_capacity(wanted.len() * input.numel());
+        let (mut labels, mut ids) = (Vec::new(), Vec::new());
+        for (id, label, _) in wanted {
+            // An item deleted since the refresh is simply left out of this batch.
+            let Some((_, v)) = self.cache.get(id) else {
+                continue;
+            };
+            values.extend_from_slice(v);
+            labels.push(self.class_of[label]);
+            ids.push(self.numeric_id[id]);
+        }
+        Ok((values, labels, ids))
+    }
+
+    /// The drift probe: the first `size` examples, embedded by the current weights.
+    fn probe(
+        &mut self,
+        store: &Store,
+        trainer: &Trainer,
+        size: usize,
+    ) -> Result<Option<Probe>, TrainError> {
+        let count = size.min(self.examples.len());
+        if count == 0 {
+            return Ok(None);
+        }
+        let input = trainer.spec().input.clone();
+        let indices: Vec<usize> = (0..count).collect();
+        let (values, labels, _) = self.batch(store, &indices, &input)?;
+        let [c, h, w] = input.shape().map(|d| d as i64);
+        let inputs = Tensor::f_from_slice(&values)?.f_view([labels.len() as i64, c, h, w])?;
+        let last = trainer.embed_eval(&inputs)?;
+        Ok(Some(Probe { inputs, last }))
+    }
+}

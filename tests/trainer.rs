@@ -1,0 +1,220 @@
+//! The online trainer and generation swaps, end to end on the real server: swaps under
+//! concurrent search traffic fail nothing and never mix generations; rollback and roll
+//! forward work; a restart resumes the active generation.
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{fashion_images, upsert_images, Server, TestImage};
+use serde_json::{json, Value};
+
+/// A trainer that publishes often and moves the weights enough to see drift.
+const FAST_TRAINER: [(&str, &str); 8] = [
+    ("CROSSBATCH__TRAINER__ENABLED", "true"),
+    ("CROSSBATCH__TRAINER__PUBLISH_EVERY", "15"),
+    ("CROSSBATCH__TRAINER__DUTY_CYCLE", "1.0"),
+    ("CROSSBATCH__TRAINER__LR", "0.003"),
+    ("CROSSBATCH__TRAINER__PROBE_SIZE", "32"),
+    ("CROSSBATCH__TRAINER__REEMBED_RATE", "0"),
+    ("CROSSBATCH__TRAINER__OBJECTIVE__MEMORY_SIZE", "256"),
+    ("CROSSBATCH__TRAINER__OBJECTIVE__MEMORY_START", "3"),
+];
+
+fn model_version(server: &Server) -> u64 {
+    server.get("/v1/info").1["model_version"]
+        .as_u64()
+        .expect("model_version")
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn embed(server: &Server, image: &TestImage) -> (u64, Vec<f64>) {
+    let (status, body) = server.post("/v1/embed", &json!({ "inputs": [{ "image": image.png }] }));
+    assert_eq!(status, 200, "{body}");
+    let v = body["embeddings"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    (body["model_version"].as_u64().unwrap(), v)
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = fashion_images(200);
+    let server = Arc::new(Server::start(dir.path(), &FAST_TRAINER));
+    let base = model_version(&server);
+    upsert_images(&server, "fm-", &images);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|worker| {
+            let (server, stop, images) = (server.clone(), stop.clone(), images.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut i = worker;
+                while !stop.load(Ordering::SeqCst) {
+                    let query =
+                        json!({ "query": { "image": images[i % images.len()].png }, "k": 3 });
+                    let (status, body) = server.post("/v1/search", &query);
+                    seen.push((i % images.len(), status, body));
+                    i += 3;
+                }
+                seen
+            })
+        })
+        .collect();
+    wait_for("two generation swaps", Duration::from_secs(300), || {
+        model_version(&server) >= base + 2
+    });
+    stop.store(true, Ordering::SeqCst);
+    let responses: Vec<_> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+
+    assert!(
+        responses.len() > 20,
+        "too little traffic: {}",
+        responses.len()
+    );
+    let mut versions = std::collections::BTreeSet::new();
+    for (i, status, body) in &responses {
+        assert_eq!(*status, 200, "a request failed during swaps: {body}");
+        versions.insert(body["model_version"].as_u64().unwrap());
+        // The query was embedded by the same model that embedded the gallery item: the
+        // item scores 1 against itself. A query of one generation against another
+        // generation's index would score noticeably less (the models drifted apart).
+        let own = body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == format!("fm-{i}").as_str())
+            .unwrap_or_else(|| panic!("fm-{i} not found: {body}"));
+        let score = own["score"].as_f64().unwrap();
+        assert!(
+            score > 0.9999,
+            "mixed generations: self-score {score} in {body}"
+        );
+    }
+    assert!(
+        versions.len() >= 2,
+        "traffic saw only versions {versions:?}"
+    );
+
+    let (_, trainer) = server.get("/v1/trainer");
+    assert!(trainer["step"].as_u64().unwrap() > 0, "{trainer}");
+    assert!(
+        trainer["memory_fill"].as_u64().unwrap() > 0,
+        "XBM memory in use: {trainer}"
+    );
+    let drift = trainer["last_drift"].as_f64().expect("drift measured");
+    assert!(drift > 0.0 && drift < 4.0, "drift {drift}");
+    let (_, models) = server.get("/v1/models");
+    let generations = models["generations"].as_array().unwrap();
+    assert!(generations.len() >= 3, "{models}");
+    assert_eq!(models["active"], model_version(&server));
+    let (_, metrics) = server.get_text("/metrics");
+    let published = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("crossbatch_generations_published_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!(published >= 2.0, "{published}");
+}
+
+#[test]
+fn rollback_roll_forward_and_restart_keep_the_active_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = fashion_images(120);
+    let probe = images[7].clone();
+    let server = Server::start(dir.path(), &FAST_TRAINER);
+    let (base, base_embedding) = embed(&server, &probe);
+    upsert_images(&server, "r-", &images);
+    wait_for("a trained generation", Duration::from_secs(300), || {
+        model_version(&server) > base
+    });
+    assert_eq!(server.post("/v1/trainer/pause", &json!({})).0, 200);
+    // Let a build started just before the pause finish.
+    wait_for("builds to settle", Duration::from_secs(120), || {
+        server.get("/v1/trainer").1["reembed"]["busy"] == false
+    });
+    let (trained, trained_embedding) = embed(&server, &probe);
+    assert!(trained > base);
+    assert!(
+        max_diff(&trained_embedding, &base_embedding) > 1e-3,
+        "training changed the model"
+    );
+
+    // Roll back to the base model.
+    let (status, body) = server.post(&format!("/v1/models/{base}/activate"), &json!({}));
+    assert_eq!(status, 202, "{body}");
+    wait_for("the rollback", Duration::from_secs(120), || {
+        model_version(&server) == base
+    });
+    let (version, embedding) = embed(&server, &probe);
+    assert_eq!(version, base);
+    assert!(
+        max_diff(&embedding, &base_embedding) < 1e-5,
+        "rollback serves the base weights"
+    );
+    let results = server
+        .post(
+            "/v1/search",
+            &json!({ "query": { "image": probe.png }, "k": 1 }),
+        )
+        .1;
+    assert_eq!(results["results"][0]["id"], "r-7");
+    assert!(
+        results["results"][0]["score"].as_f64().unwrap() > 0.9999,
+        "index re-embedded by the base model"
+    );
+    assert_eq!(server.post("/v1/models/999/activate", &json!({})).0, 404);
+
+    // A restart (SIGKILL) comes back on the active generation.
+    server.kill();
+    let server = Server::start(dir.path(), &[]);
+    assert_eq!(model_version(&server), base);
+    assert_eq!(server.item_count(), 120);
+
+    // Roll forward again, then restart once more.
+    let (status, _) = server.post(&format!("/v1/models/{trained}/activate"), &json!({}));
+    assert_eq!(status, 202);
+    wait_for("the roll forward", Duration::from_secs(120), || {
+        model_version(&server) == trained
+    });
+    assert!(max_diff(&embed(&server, &probe).1, &trained_embedding) < 1e-5);
+    server.kill();
+    let server = Server::start(dir.path(), &[]);
+    assert_eq!(model_version(&server), trained);
+    let (_, item) = server.get("/v1/items/r-7");
+    assert_eq!(
+        item["model_version"], trained,
+        "stored embeddings refreshed to the active model"
+    );
+    let results = server
+        .post(
+            "/v1/search",
+            &json!({ "query": { "image": probe.png }, "k": 1 }),
+        )
+        .1;
+    assert_eq!(results["results"][0]["id"], "r-7");
+    assert!(results["results"][0]["score"].as_f64().unwrap() > 0.9999);
+}
