@@ -9,14 +9,13 @@ use anyhow::Context;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::embed::preprocess::values_from_raw;
 use crate::embed::{BatchingLimits, Embedder};
 use crate::index::VectorIndex;
 use crate::metrics::Metrics;
 use crate::model::spec::ModelSpec;
-use crate::registry::builder::META_ACTIVE_VERSION;
+use crate::registry::builder::{embed_stored, META_ACTIVE_VERSION};
 use crate::registry::{BuildContext, Generation, Publisher, Registry};
-use crate::store::{EmbeddingRefresh, GenerationRecord, Store};
+use crate::store::{GenerationRecord, Store};
 use crate::train::online::{self, OnlineContext};
 
 /// Store meta key: fingerprint of the configured base model when it was last registered.
@@ -288,25 +287,7 @@ fn reembed_stale(
     let mut total = 0usize;
     for ids in stale.chunks(REEMBED_BATCH) {
         let rows = store.inputs_of(ids)?;
-        let values = rows
-            .iter()
-            .map(|row| {
-                values_from_raw(&row.input, &row.input_kind, &spec.input).map_err(|e| {
-                    anyhow::anyhow!("stored item {} cannot be re-embedded: {e}", row.id)
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let vectors = embedder.embed_blocking(values)?;
-        let refreshes: Vec<EmbeddingRefresh> = rows
-            .iter()
-            .zip(vectors)
-            .map(|(row, embedding)| EmbeddingRefresh {
-                id: row.id.clone(),
-                seq: row.seq,
-                embedding,
-                model_version: version,
-            })
-            .collect();
+        let refreshes = embed_stored(embedder, &spec.input, version, &rows)?;
         total += store.refresh_embeddings(&refreshes)?;
     }
     if total > 0 {

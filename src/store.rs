@@ -488,7 +488,7 @@ impl Store {
             .map_err(StoreError::from)?;
         let mut rows = stmt.query([]).map_err(StoreError::from)?;
         while let Some(r) = rows.next().map_err(StoreError::from)? {
-            let row = (|| -> Result<InputRow, StoreError> { input_row(r) })()?;
+            let row = input_row(r)?;
             f(row)?;
         }
         Ok(())

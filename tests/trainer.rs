@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{fashion_images, upsert_images, Server, TestImage};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// A trainer that publishes often and moves the weights enough to see drift.
 const FAST_TRAINER: [(&str, &str); 8] = [

@@ -187,13 +187,17 @@ fn wait_ready(url: &str) -> anyhow::Result<()> {
     anyhow::bail!("server at {url} did not become ready")
 }
 
+/// Per-coordinate standard deviation of the noise around a cluster centre: about 0.7 in
+/// norm at dimension 128, so clusters overlap like the classes of a real gallery.
+const NOISE: f32 = 0.06;
+
 /// Unit vectors around `centres` random cluster centres, like the embeddings of a real
 /// gallery (uniformly random vectors have no neighbourhood structure worth indexing).
 fn clustered_vectors(rng: &mut StdRng, count: usize, centres: &[Vec<f32>]) -> Vec<Vec<f32>> {
     (0..count)
         .map(|_| {
             let centre = &centres[rng.gen_range(0..centres.len())];
-            let v: Vec<f32> = centre.iter().map(|c| c + 0.35 * gaussian(rng)).collect();
+            let v: Vec<f32> = centre.iter().map(|c| c + NOISE * gaussian(rng)).collect();
             unit(v)
         })
         .collect()

@@ -220,16 +220,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         lr: args.lr,
         warmup_fraction: 0.05,
         seed: args.seed,
-        augment: Augment {
-            max_shift: args.max_shift,
-            flip: args.flip,
-            fill: input
-                .mean
-                .iter()
-                .zip(&input.std)
-                .map(|(m, s)| -m / s)
-                .collect(),
-        },
+        augment: Augment::for_input(&input, args.max_shift, args.flip),
         progress: true,
     };
     let data = TrainData {

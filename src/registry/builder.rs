@@ -20,6 +20,7 @@ use crate::embed::preprocess::values_from_raw;
 use crate::embed::{BatchingLimits, EmbedError, Embedder};
 use crate::index::{IndexParams, VectorIndex};
 use crate::metrics::Metrics;
+use crate::model::spec::InputSpec;
 use crate::store::{EmbeddingRefresh, InputRow, Store, StoreError};
 
 /// Store meta key holding the active model version.
@@ -233,17 +234,14 @@ impl Registry {
         generation: &Generation,
         touched: HashSet<String>,
     ) -> Result<Vec<EmbeddingRefresh>, BuildError> {
-        let ids: Vec<String> = touched.into_iter().collect();
-        let rows = store.inputs_of(&ids)?;
-        let embedded = embed_rows(generation, &rows)?;
+        let (ids, rows, embedded) = reread(store, generation, touched)?;
         let writes = self.lock_writes();
         let again = writes.building.as_ref().map(|b| &b.touched);
         let fresh: Vec<_> = embedded
             .into_iter()
             .filter(|r| !again.is_some_and(|t| t.contains(&r.id)))
             .collect();
-        apply_deletes(generation, &ids, &rows);
-        insert(generation, &rows, &fresh)?;
+        apply(generation, &ids, &rows, &fresh)?;
         Ok(fresh)
     }
 
@@ -254,13 +252,36 @@ impl Registry {
         generation: &Generation,
         touched: HashSet<String>,
     ) -> Result<Vec<EmbeddingRefresh>, BuildError> {
-        let ids: Vec<String> = touched.into_iter().collect();
-        let rows = store.inputs_of(&ids)?;
-        let embedded = embed_rows(generation, &rows)?;
-        apply_deletes(generation, &ids, &rows);
-        insert(generation, &rows, &embedded)?;
+        let (ids, rows, embedded) = reread(store, generation, touched)?;
+        apply(generation, &ids, &rows, &embedded)?;
         Ok(embedded)
     }
+}
+
+/// Touched ids, their current inputs (deleted ones absent) and the new embeddings.
+type Reread = (Vec<String>, Vec<InputRow>, Vec<EmbeddingRefresh>);
+
+/// Reads the current inputs of touched ids and embeds them.
+fn reread(
+    store: &Store,
+    generation: &Generation,
+    touched: HashSet<String>,
+) -> Result<Reread, BuildError> {
+    let ids: Vec<String> = touched.into_iter().collect();
+    let rows = store.inputs_of(&ids)?;
+    let embedded = embed_rows(generation, &rows)?;
+    Ok((ids, rows, embedded))
+}
+
+/// Removes the touched ids that no longer exist and inserts the embedded ones.
+fn apply(
+    generation: &Generation,
+    ids: &[String],
+    rows: &[InputRow],
+    embedded: &[EmbeddingRefresh],
+) -> Result<(), BuildError> {
+    apply_deletes(generation, ids, rows);
+    insert(generation, rows, embedded)
 }
 
 /// Embeds stored inputs with the generation's model.
@@ -268,17 +289,32 @@ fn embed_rows(
     generation: &Generation,
     rows: &[InputRow],
 ) -> Result<Vec<EmbeddingRefresh>, BuildError> {
-    let spec = &generation.info.spec.input;
+    Ok(embed_stored(
+        &generation.embedder,
+        &generation.info.spec.input,
+        generation.version,
+        rows,
+    )?)
+}
+
+/// Embeds stored inputs with `embedder` (whose model has `input` and `version`), as
+/// refreshes guarded by each row's sequence number.
+pub fn embed_stored(
+    embedder: &Embedder,
+    input: &InputSpec,
+    version: u64,
+    rows: &[InputRow],
+) -> Result<Vec<EmbeddingRefresh>, WriteError> {
     let values = rows
         .iter()
         .map(|row| {
-            values_from_raw(&row.input, &row.input_kind, spec).map_err(|e| WriteError::Input {
+            values_from_raw(&row.input, &row.input_kind, input).map_err(|e| WriteError::Input {
                 id: row.id.clone(),
                 message: e.to_string(),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let vectors = generation.embedder.embed_blocking(values)?;
+    let vectors = embedder.embed_blocking(values)?;
     Ok(rows
         .iter()
         .zip(vectors)
@@ -286,7 +322,7 @@ fn embed_rows(
             id: row.id.clone(),
             seq: row.seq,
             embedding,
-            model_version: generation.version,
+            model_version: version,
         })
         .collect())
 }

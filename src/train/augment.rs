@@ -3,6 +3,7 @@
 use rand::Rng;
 
 use super::TrainError;
+use crate::model::spec::InputSpec;
 
 /// Augmentation settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +18,20 @@ pub struct Augment {
 }
 
 impl Augment {
+    /// Augmentation for a model input: the fill is the normalised value of a black pixel.
+    pub fn for_input(input: &InputSpec, max_shift: usize, flip: bool) -> Augment {
+        Augment {
+            max_shift,
+            flip,
+            fill: input
+                .mean
+                .iter()
+                .zip(&input.std)
+                .map(|(m, s)| -m / s)
+                .collect(),
+        }
+    }
+
     /// Augments `n` images of shape `[c, h, w]` laid out back to back; returns a new buffer.
     pub fn apply<R: Rng>(
         &self,

@@ -228,7 +228,7 @@ impl Trainer {
                     &snapshot.labels,
                     &snapshot.ids,
                 )?;
-                loss = loss + memory_loss * settings.weight;
+                loss += memory_loss * settings.weight;
             }
             memory.enqueue(&emb, &labels, &ids, step)?;
         }

@@ -339,18 +339,13 @@ fn train_step(
     rng: &mut StdRng,
 ) -> Result<f64, TrainError> {
     let input = session.trainer.spec().input.clone();
-    let (values, labels, ids) = pool.batch(&context.store, batch, &input)?;
+    let PoolBatch {
+        values,
+        labels,
+        ids,
+    } = pool.batch(&context.store, batch, &input)?;
     let shape = input.shape();
-    let augment = Augment {
-        max_shift: context.config.max_shift,
-        flip: context.config.flip,
-        fill: input
-            .mean
-            .iter()
-            .zip(&input.std)
-            .map(|(m, s)| -m / s)
-            .collect(),
-    };
+    let augment = Augment::for_input(&input, context.config.max_shift, context.config.flip);
     let augmented = augment.apply(&values, shape, rng)?;
     let [c, h, w] = shape.map(|d| d as i64);
     let batch = Batch {
@@ -451,6 +446,16 @@ fn write_checkpoint(trainer: &Trainer, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A batch gathered from the pool.
+struct PoolBatch {
+    /// `B × C × H × W` preprocessed values.
+    values: Vec<f32>,
+    /// Stable class number per example.
+    labels: Vec<i64>,
+    /// Stable numeric id per example.
+    ids: Vec<i64>,
+}
+
 /// The labelled examples the trainer samples from, with decoded inputs cached by id.
 #[derive(Default)]
 struct ExamplePool {
@@ -514,7 +519,7 @@ impl ExamplePool {
         store: &Store,
         indices: &[usize],
         input: &InputSpec,
-    ) -> Result<(Vec<f32>, Vec<i64>, Vec<i64>), TrainError> {
+    ) -> Result<PoolBatch, TrainError> {
         let wanted: Vec<&(String, String, u64)> = indices
             .iter()
             .filter_map(|&i| self.examples.get(i))
@@ -545,7 +550,11 @@ impl ExamplePool {
             labels.push(self.class_of[label]);
             ids.push(self.numeric_id[id]);
         }
-        Ok((values, labels, ids))
+        Ok(PoolBatch {
+            values,
+            labels,
+            ids,
+        })
     }
 
     /// The drift probe: the first `size` examples, embedded by the current weights.
@@ -561,7 +570,7 @@ impl ExamplePool {
         }
         let input = trainer.spec().input.clone();
         let indices: Vec<usize> = (0..count).collect();
-        let (values, labels, _) = self.batch(store, &indices, &input)?;
+        let PoolBatch { values, labels, .. } = self.batch(store, &indices, &input)?;
         let [c, h, w] = input.shape().map(|d| d as i64);
         let inputs = Tensor::f_from_slice(&values)?.f_view([labels.len() as i64, c, h, w])?;
         let last = trainer.embed_eval(&inputs)?;
