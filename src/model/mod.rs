@@ -269,6 +269,37 @@ impl LoadedModel {
     }
 }
 
+/// Helpers shared by tests that need a real TorchScript file.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::Path;
+
+    /// Runs `source` (Python that saves a TorchScript module to the path in `OUT`) with the
+    /// project's venv Python. Returns `false` (the caller skips) only when that Python does
+    /// not exist; an export that fails where it exists is a test failure.
+    pub fn export_torchscript(source: &str, out: &Path) -> bool {
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+        if !python.exists() {
+            eprintln!("skipped: no {}", python.display());
+            return false;
+        }
+        // TorchScript compiles from source, so the script must live in a file.
+        let script = out.with_extension("export.py");
+        std::fs::write(&script, source).expect("write export script");
+        let output = std::process::Command::new(&python)
+            .arg(&script)
+            .env("OUT", out)
+            .output()
+            .expect("run python");
+        assert!(
+            output.status.success(),
+            "TorchScript export failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::spec::InputSpec;
@@ -459,31 +490,16 @@ mod tests {
     /// cannot be imported) and checks that we load it and normalise its output.
     #[test]
     fn torchscript_model_loads_and_is_normalised() {
-        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-        if !python.exists() {
-            eprintln!("skipped: no .venv/bin/python");
-            return;
-        }
         let dir = tempfile::tempdir().unwrap();
         let pt = dir.path().join("model.pt");
-        let script = format!(
-            "import torch\n\
-             class M(torch.nn.Module):\n\
-             \x20   def forward(self, x):\n\
-             \x20       f = x.flatten(1)\n\
-             \x20       return torch.stack([f.sum(1), f[:, 0] * 3.0, torch.ones_like(f[:, 0])], 1)\n\
-             torch.jit.script(M()).save({:?})\n",
-            pt.display().to_string()
-        );
-        let status = std::process::Command::new(&python)
-            .args(["-c", &script])
-            .status();
-        match status {
-            Ok(s) if s.success() => {}
-            _ => {
-                eprintln!("skipped: could not export a TorchScript module");
-                return;
-            }
+        let source = "import os, torch\n\
+                      class M(torch.nn.Module):\n\
+                      \x20   def forward(self, x):\n\
+                      \x20       f = x.flatten(1)\n\
+                      \x20       return torch.stack([f.sum(1), f[:, 0] * 3.0, torch.ones_like(f[:, 0])], 1)\n\
+                      torch.jit.script(M()).save(os.environ['OUT'])\n";
+        if !test_support::export_torchscript(source, &pt) {
+            return;
         }
         let mut spec = test_spec(3);
         spec.format = ModelFormat::Torchscript;

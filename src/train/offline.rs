@@ -4,6 +4,7 @@
 //! [`Trainer`] holds the network and optimiser and performs one step on a prepared
 //! [`Batch`]; [`TrainData`] + [`train`] drive it over a dataset. An online trainer can reuse
 //! [`Trainer`] with its own batches (and, later, a memory term).
+use std::cell::RefCell;
 use std::io::IsTerminal;
 use std::path::Path;
 
@@ -18,7 +19,7 @@ use super::loss::{pair_stats, PairLoss};
 use super::memory::CrossBatchMemory;
 use super::sampler::PkSampler;
 use super::TrainError;
-use crate::model::builtin::ResNetSmall;
+use crate::model::builtin::{l2_normalize, ResNetSmall};
 use crate::model::check_builtin_spec;
 use crate::model::spec::{ModelFormat, ModelSpec};
 
@@ -82,10 +83,37 @@ impl MemorySettings {
     }
 }
 
+/// The network a trainer optimises.
+enum Network {
+    /// The built-in CNN (already L2-normalised).
+    Builtin(ResNetSmall),
+    /// A TorchScript module with trainable parameters; its train/eval mode is switched per
+    /// call, hence the `RefCell` (a trainer lives on one thread).
+    Script(RefCell<tch::TrainableCModule>),
+}
+
+impl Network {
+    /// L2-normalised embeddings, in training (`train`) or evaluation mode.
+    fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor, TrainError> {
+        match self {
+            Network::Builtin(net) => Ok(net.forward_t(xs, train)),
+            Network::Script(module) => {
+                let mut module = module.borrow_mut();
+                if train {
+                    module.f_set_train()?;
+                } else {
+                    module.f_set_eval()?;
+                }
+                Ok(l2_normalize(&module.forward_ts(&[xs])?))
+            }
+        }
+    }
+}
+
 /// The network, its weights and the optimiser.
 pub struct Trainer {
     vs: nn::VarStore,
-    net: ResNetSmall,
+    net: Network,
     opt: nn::Optimizer,
     spec: ModelSpec,
     loss: PairLoss,
@@ -120,7 +148,17 @@ impl Trainer {
         }
         check_builtin_spec(&spec)?;
         let vs = nn::VarStore::new(device);
-        let net = ResNetSmall::from_spec(&vs.root(), &spec);
+        let net = Network::Builtin(ResNetSmall::from_spec(&vs.root(), &spec));
+        Trainer::assemble(vs, net, spec, lr, loss)
+    }
+
+    fn assemble(
+        vs: nn::VarStore,
+        net: Network,
+        spec: ModelSpec,
+        lr: f64,
+        loss: PairLoss,
+    ) -> Result<Self, TrainError> {
         let opt = nn::Adam::default().build(&vs, lr)?;
         Ok(Trainer {
             vs,
@@ -134,7 +172,8 @@ impl Trainer {
         })
     }
 
-    /// Continues from the builtin model in `dir` (fine-tuning).
+    /// Continues from the model in `dir` (fine-tuning): a builtin network, or a TorchScript
+    /// module whose parameters become trainable (`tch::TrainableCModule`).
     pub fn from_dir(
         dir: &Path,
         device: Device,
@@ -143,6 +182,12 @@ impl Trainer {
     ) -> Result<Self, TrainError> {
         let spec = ModelSpec::load(dir)?;
         let weights = dir.join(&spec.weights);
+        if spec.format == ModelFormat::Torchscript {
+            let vs = nn::VarStore::new(device);
+            let module = tch::TrainableCModule::load(&weights, vs.root())?;
+            let net = Network::Script(RefCell::new(module));
+            return Trainer::assemble(vs, net, spec, lr, loss);
+        }
         let mut trainer = Trainer::new(spec, device, lr, loss)?;
         crate::model::load_builtin_weights(&mut trainer.vs, &weights)?;
         Ok(trainer)
@@ -188,14 +233,14 @@ impl Trainer {
     /// Embeds in training mode (BN batch statistics, gradients recorded).
     pub fn forward_train(&self, inputs: &Tensor) -> Result<Tensor, TrainError> {
         let xs = inputs.f_to_device(self.device())?.f_to_kind(Kind::Float)?;
-        Ok(self.net.forward_t(&xs, true))
+        self.net.forward(&xs, true)
     }
 
     /// Embeds in eval mode without gradients; returns `[N, D]` on the CPU.
     pub fn embed_eval(&self, inputs: &Tensor) -> Result<Tensor, TrainError> {
         tch::no_grad(|| {
             let xs = inputs.f_to_device(self.device())?.f_to_kind(Kind::Float)?;
-            Ok(self.net.forward_t(&xs, false).f_to_device(Device::Cpu)?)
+            Ok(self.net.forward(&xs, false)?.f_to_device(Device::Cpu)?)
         })
     }
 
@@ -258,14 +303,23 @@ impl Trainer {
         })
     }
 
-    /// Writes `DIR/model.toml` and `DIR/<weights>` (safetensors).
+    /// Writes `DIR/model.toml` and `DIR/<weights>`: safetensors for the builtin network, a
+    /// TorchScript file (with the trained parameters) for TorchScript models.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
         let mut spec = self.spec.clone();
-        if !spec.weights.ends_with(".safetensors") {
-            spec.weights = WEIGHTS_FILE.into();
+        match &self.net {
+            Network::Builtin(_) => {
+                if !spec.weights.ends_with(".safetensors") {
+                    spec.weights = WEIGHTS_FILE.into();
+                }
+                spec.save(dir)?;
+                self.vs.save(dir.join(&spec.weights))?;
+            }
+            Network::Script(module) => {
+                spec.save(dir)?;
+                module.borrow().save(dir.join(&spec.weights))?;
+            }
         }
-        spec.save(dir)?;
-        self.vs.save(dir.join(&spec.weights))?;
         Ok(())
     }
 }
@@ -580,6 +634,64 @@ mod tests {
         assert_eq!(before, expected[0]);
         train(&mut tuned, &data, &config(2)).unwrap();
         assert_eq!(tuned.steps_done(), 2);
+    }
+
+    /// Exports a tiny trainable TorchScript module (linear 64 → 8) with the project's
+    /// Python; `None` (test skipped) when there is no venv Python.
+    fn torchscript_dir() -> Option<tempfile::TempDir> {
+        let dir = tempfile::tempdir().unwrap();
+        let source = "import os, torch\n\
+                      class M(torch.nn.Module):\n\
+                      \x20   def __init__(self):\n\
+                      \x20       super().__init__()\n\
+                      \x20       self.fc = torch.nn.Linear(64, 8)\n\
+                      \x20   def forward(self, x):\n\
+                      \x20       return self.fc(x.flatten(1))\n\
+                      torch.manual_seed(0)\n\
+                      torch.jit.script(M()).save(os.environ['OUT'])\n";
+        if !crate::model::test_support::export_torchscript(source, &dir.path().join("model.pt")) {
+            return None;
+        }
+        let mut spec = spec();
+        spec.format = ModelFormat::Torchscript;
+        spec.architecture = "linear".into();
+        spec.widths = vec![];
+        spec.weights = "model.pt".into();
+        spec.save(dir.path()).unwrap();
+        Some(dir)
+    }
+
+    #[test]
+    fn torchscript_models_fine_tune_and_save() {
+        let Some(dir) = torchscript_dir() else {
+            return;
+        };
+        let data = toy_data(12, 2);
+        let mut trainer = Trainer::from_dir(dir.path(), Device::Cpu, 1e-2, CONTRASTIVE).unwrap();
+        let probe = Tensor::from_slice(&data.values[..64 * 4]).view([4, 1, 8, 8]);
+        let before = trainer.embed_eval(&probe).unwrap();
+        let summary = train(&mut trainer, &data, &config(30)).unwrap();
+        assert!(summary.last_loss < summary.first_loss, "{summary:?}");
+        let after = trainer.embed_eval(&probe).unwrap();
+        let moved = (&after - &before).abs().max().double_value(&[]);
+        assert!(moved > 1e-3, "the TorchScript parameters were trained");
+        let out = tempfile::tempdir().unwrap();
+        trainer.save(out.path()).unwrap();
+        let model = LoadedModel::load(out.path(), Device::Cpu).unwrap();
+        let loaded = model
+            .embed_values(&data.values[..64 * 4], 4)
+            .unwrap()
+            .concat();
+        let direct: Vec<f32> = Vec::try_from(&after.view([-1])).unwrap();
+        let diff = loaded
+            .iter()
+            .zip(&direct)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff < 1e-5,
+            "saved TorchScript reproduces the trained embeddings ({diff})"
+        );
     }
 
     #[test]
