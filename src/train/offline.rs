@@ -86,7 +86,7 @@ impl MemorySettings {
 /// The network a trainer optimises.
 enum Network {
     /// The built-in CNN (already L2-normalised).
-    Builtin(ResNetSmall),
+    Builtin(Box<ResNetSmall>),
     /// A TorchScript module with trainable parameters; its train/eval mode is switched per
     /// call, hence the `RefCell` (a trainer lives on one thread).
     Script(RefCell<tch::TrainableCModule>),
@@ -148,7 +148,7 @@ impl Trainer {
         }
         check_builtin_spec(&spec)?;
         let vs = nn::VarStore::new(device);
-        let net = Network::Builtin(ResNetSmall::from_spec(&vs.root(), &spec));
+        let net = Network::Builtin(Box::new(ResNetSmall::from_spec(&vs.root(), &spec)));
         Trainer::assemble(vs, net, spec, lr, loss)
     }
 
