@@ -9,43 +9,62 @@ use super::TrainError;
 /// Margin of the contrastive loss used by XBM.
 pub const DEFAULT_MARGIN: f64 = 0.5;
 
-fn check_rows(
-    what: &str,
-    embeddings: &Tensor,
-    labels: &Tensor,
-    ids: &Tensor,
-) -> Result<i64, TrainError> {
-    let size = embeddings.size();
-    if size.len() != 2 {
-        return Err(TrainError::Shape(format!(
-            "{what} embeddings have shape {size:?}, expected [N, D]"
-        )));
-    }
-    for (name, t) in [("labels", labels), ("ids", ids)] {
-        if t.size() != [size[0]] {
-            return Err(TrainError::Shape(format!(
-                "{what} {name} have shape {:?}, expected [{}]",
-                t.size(),
-                size[0]
-            )));
+/// Embeddings with their labels and example ids: one side of a pair loss (the batch, or the
+/// XBM memory).
+#[derive(Clone, Copy)]
+pub struct PairSide<'a> {
+    /// `[N, D]` L2-normalised embeddings.
+    pub embeddings: &'a Tensor,
+    /// `[N]` labels (i64).
+    pub labels: &'a Tensor,
+    /// `[N]` example ids (i64); pairs with equal ids are never formed.
+    pub ids: &'a Tensor,
+}
+
+impl<'a> PairSide<'a> {
+    /// Groups embeddings, labels and ids.
+    pub fn new(embeddings: &'a Tensor, labels: &'a Tensor, ids: &'a Tensor) -> Self {
+        PairSide {
+            embeddings,
+            labels,
+            ids,
         }
     }
-    Ok(size[0])
+
+    /// Checks the shapes and returns the number of rows.
+    fn check(&self, what: &str) -> Result<i64, TrainError> {
+        let size = self.embeddings.size();
+        if size.len() != 2 {
+            return Err(TrainError::Shape(format!(
+                "{what} embeddings have shape {size:?}, expected [N, D]"
+            )));
+        }
+        for (name, t) in [("labels", self.labels), ("ids", self.ids)] {
+            if t.size() != [size[0]] {
+                return Err(TrainError::Shape(format!(
+                    "{what} {name} have shape {:?}, expected [{}]",
+                    t.size(),
+                    size[0]
+                )));
+            }
+        }
+        Ok(size[0])
+    }
 }
 
 /// Positive (same label, other id) and negative (other label, other id) pair masks `[N, M]`.
 fn pair_masks(
-    query_labels: &Tensor,
-    query_ids: &Tensor,
-    ref_labels: &Tensor,
-    ref_ids: &Tensor,
+    query: PairSide<'_>,
+    reference: PairSide<'_>,
 ) -> Result<(Tensor, Tensor), TrainError> {
-    let same_label = query_labels
+    let same_label = query
+        .labels
         .f_view([-1, 1])?
-        .f_eq_tensor(&ref_labels.f_view([1, -1])?)?;
-    let other_id = query_ids
+        .f_eq_tensor(&reference.labels.f_view([1, -1])?)?;
+    let other_id = query
+        .ids
         .f_view([-1, 1])?
-        .f_ne_tensor(&ref_ids.f_view([1, -1])?)?;
+        .f_ne_tensor(&reference.ids.f_view([1, -1])?)?;
     let positive = same_label.f_logical_and(&other_id)?;
     let negative = same_label.f_logical_not()?.f_logical_and(&other_id)?;
     Ok((positive, negative))
@@ -54,24 +73,20 @@ fn pair_masks(
 /// Checks both sets and returns `(number of queries, similarity [N, M], positive mask,
 /// negative mask)`.
 fn similarities(
-    query: &Tensor,
-    query_labels: &Tensor,
-    query_ids: &Tensor,
-    reference: &Tensor,
-    ref_labels: &Tensor,
-    ref_ids: &Tensor,
+    query: PairSide<'_>,
+    reference: PairSide<'_>,
 ) -> Result<(i64, Tensor, Tensor, Tensor), TrainError> {
-    let n = check_rows("query", query, query_labels, query_ids)?;
-    check_rows("reference", reference, ref_labels, ref_ids)?;
-    if query.size()[1] != reference.size()[1] {
+    let n = query.check("query")?;
+    reference.check("reference")?;
+    if query.embeddings.size()[1] != reference.embeddings.size()[1] {
         return Err(TrainError::Shape(format!(
             "query dimension {} differs from reference dimension {}",
-            query.size()[1],
-            reference.size()[1]
+            query.embeddings.size()[1],
+            reference.embeddings.size()[1]
         )));
     }
-    let sim = query.f_matmul(&reference.f_tr()?)?;
-    let (positive, negative) = pair_masks(query_labels, query_ids, ref_labels, ref_ids)?;
+    let sim = query.embeddings.f_matmul(&reference.embeddings.f_tr()?)?;
+    let (positive, negative) = pair_masks(query, reference)?;
     Ok((n, sim, positive, negative))
 }
 
@@ -82,24 +97,13 @@ fn similarities(
 /// The sum is divided by the number of queries. Pairs with equal ids are ignored.
 /// Returns a scalar; zero when there are no queries.
 pub fn contrastive_loss(
-    query: &Tensor,
-    query_labels: &Tensor,
-    query_ids: &Tensor,
-    reference: &Tensor,
-    ref_labels: &Tensor,
-    ref_ids: &Tensor,
+    query: PairSide<'_>,
+    reference: PairSide<'_>,
     margin: f64,
 ) -> Result<Tensor, TrainError> {
-    let (n, sim, positive, negative) = similarities(
-        query,
-        query_labels,
-        query_ids,
-        reference,
-        ref_labels,
-        ref_ids,
-    )?;
+    let (n, sim, positive, negative) = similarities(query, reference)?;
     if n == 0 {
-        return Ok(query.f_sum(query.kind())? * 0.0);
+        return Ok(query.embeddings.f_sum(query.embeddings.kind())? * 0.0);
     }
     let positive = positive.f_to_kind(sim.kind())?;
     let hard_negative = negative
@@ -141,24 +145,13 @@ impl Default for MultiSimilarity {
 /// negative: `(1/α) log(1 + Σ e^{−α(s_p − λ)}) + (1/β) log(1 + Σ e^{β(s_n − λ)})`; anchors
 /// without both contribute 0. The sum is divided by the number of queries.
 pub fn multi_similarity_loss(
-    query: &Tensor,
-    query_labels: &Tensor,
-    query_ids: &Tensor,
-    reference: &Tensor,
-    ref_labels: &Tensor,
-    ref_ids: &Tensor,
+    query: PairSide<'_>,
+    reference: PairSide<'_>,
     params: MultiSimilarity,
 ) -> Result<Tensor, TrainError> {
-    let (n, sim, positive, negative) = similarities(
-        query,
-        query_labels,
-        query_ids,
-        reference,
-        ref_labels,
-        ref_ids,
-    )?;
+    let (n, sim, positive, negative) = similarities(query, reference)?;
     if n == 0 {
-        return Ok(query.f_sum(query.kind())? * 0.0);
+        return Ok(query.embeddings.f_sum(query.embeddings.kind())? * 0.0);
     }
     let detached = sim.f_detach()?;
     let min_pos = detached
@@ -205,32 +198,12 @@ impl PairLoss {
     /// The loss of `query` against `reference` (self-pairs masked by id).
     pub fn compute(
         &self,
-        query: &Tensor,
-        query_labels: &Tensor,
-        query_ids: &Tensor,
-        reference: &Tensor,
-        ref_labels: &Tensor,
-        ref_ids: &Tensor,
+        query: PairSide<'_>,
+        reference: PairSide<'_>,
     ) -> Result<Tensor, TrainError> {
         match *self {
-            PairLoss::Contrastive { margin } => contrastive_loss(
-                query,
-                query_labels,
-                query_ids,
-                reference,
-                ref_labels,
-                ref_ids,
-                margin,
-            ),
-            PairLoss::MultiSimilarity(params) => multi_similarity_loss(
-                query,
-                query_labels,
-                query_ids,
-                reference,
-                ref_labels,
-                ref_ids,
-                params,
-            ),
+            PairLoss::Contrastive { margin } => contrastive_loss(query, reference, margin),
+            PairLoss::MultiSimilarity(params) => multi_similarity_loss(query, reference, params),
         }
     }
 
@@ -258,19 +231,15 @@ pub struct PairStats {
 
 /// Counts the pairs [`contrastive_loss`] sees (no gradients).
 pub fn pair_stats(
-    query: &Tensor,
-    query_labels: &Tensor,
-    query_ids: &Tensor,
-    reference: &Tensor,
-    ref_labels: &Tensor,
-    ref_ids: &Tensor,
+    query: PairSide<'_>,
+    reference: PairSide<'_>,
     margin: f64,
 ) -> Result<PairStats, TrainError> {
-    check_rows("query", query, query_labels, query_ids)?;
-    check_rows("reference", reference, ref_labels, ref_ids)?;
+    query.check("query")?;
+    reference.check("reference")?;
     tch::no_grad(|| {
-        let sim = query.f_matmul(&reference.f_tr()?)?;
-        let (pos, neg) = pair_masks(query_labels, query_ids, ref_labels, ref_ids)?;
+        let sim = query.embeddings.f_matmul(&reference.embeddings.f_tr()?)?;
+        let (pos, neg) = pair_masks(query, reference)?;
         let count = |m: &Tensor| m.f_sum(Kind::Int64).map(|t| t.int64_value(&[]));
         let mean = |m: &Tensor| -> Result<f64, TrainError> {
             let c = count(m)?;
@@ -346,12 +315,16 @@ mod tests {
         let qi: Vec<i64> = (100..109).collect();
         // Batch vs batch: every anchor meets itself, which must be masked by id.
         let got = contrastive_loss(
-            &tensor(&q),
-            &Tensor::from_slice(&ql),
-            &Tensor::from_slice(&qi),
-            &tensor(&q),
-            &Tensor::from_slice(&ql),
-            &Tensor::from_slice(&qi),
+            PairSide::new(
+                &tensor(&q),
+                &Tensor::from_slice(&ql),
+                &Tensor::from_slice(&qi),
+            ),
+            PairSide::new(
+                &tensor(&q),
+                &Tensor::from_slice(&ql),
+                &Tensor::from_slice(&qi),
+            ),
             0.5,
         )
         .unwrap()
@@ -370,12 +343,16 @@ mod tests {
         ri[7] = 105;
         ri.push(999);
         let got = contrastive_loss(
-            &tensor(&q),
-            &Tensor::from_slice(&ql),
-            &Tensor::from_slice(&qi),
-            &tensor(&r),
-            &Tensor::from_slice(&rl),
-            &Tensor::from_slice(&ri),
+            PairSide::new(
+                &tensor(&q),
+                &Tensor::from_slice(&ql),
+                &Tensor::from_slice(&qi),
+            ),
+            PairSide::new(
+                &tensor(&r),
+                &Tensor::from_slice(&rl),
+                &Tensor::from_slice(&ri),
+            ),
             0.5,
         )
         .unwrap()
@@ -386,12 +363,16 @@ mod tests {
         // masking (s < 1 − ε) would drop both.
         let one = |label: i64, id: i64| {
             contrastive_loss(
-                &tensor(&q[..1]),
-                &Tensor::from_slice(&[0i64]),
-                &Tensor::from_slice(&[5i64]),
-                &tensor(&q[..1]),
-                &Tensor::from_slice(&[label]),
-                &Tensor::from_slice(&[id]),
+                PairSide::new(
+                    &tensor(&q[..1]),
+                    &Tensor::from_slice(&[0i64]),
+                    &Tensor::from_slice(&[5i64]),
+                ),
+                PairSide::new(
+                    &tensor(&q[..1]),
+                    &Tensor::from_slice(&[label]),
+                    &Tensor::from_slice(&[id]),
+                ),
                 0.5,
             )
             .unwrap()
@@ -413,16 +394,29 @@ mod tests {
         let ids = Tensor::from_slice(&[0i64, 1, 2]);
         // a: pos c (1 − 0.8), neg b s=0.6 > 0.5 → 0.6.  b: negs a (0.6), c (0.96).
         // c: pos a (0.2), neg b 0.96.  Total 0.2+0.6+0.6+0.96+0.2+0.96 = 3.52; / 3.
-        let got = contrastive_loss(&tensor(&q), &l, &ids, &tensor(&q), &l, &ids, 0.5)
-            .unwrap()
-            .double_value(&[]);
+        let got = contrastive_loss(
+            PairSide::new(&tensor(&q), &l, &ids),
+            PairSide::new(&tensor(&q), &l, &ids),
+            0.5,
+        )
+        .unwrap()
+        .double_value(&[]);
         assert!((got - 3.52 / 3.0).abs() < 1e-12, "{got}");
         // With margin 0.7 the a–b negatives (0.6) drop out.
-        let got = contrastive_loss(&tensor(&q), &l, &ids, &tensor(&q), &l, &ids, 0.7)
-            .unwrap()
-            .double_value(&[]);
+        let got = contrastive_loss(
+            PairSide::new(&tensor(&q), &l, &ids),
+            PairSide::new(&tensor(&q), &l, &ids),
+            0.7,
+        )
+        .unwrap()
+        .double_value(&[]);
         assert!((got - 2.32 / 3.0).abs() < 1e-12, "{got}");
-        let stats = pair_stats(&tensor(&q), &l, &ids, &tensor(&q), &l, &ids, 0.5).unwrap();
+        let stats = pair_stats(
+            PairSide::new(&tensor(&q), &l, &ids),
+            PairSide::new(&tensor(&q), &l, &ids),
+            0.5,
+        )
+        .unwrap();
         assert_eq!(stats.positives, 2);
         assert_eq!(stats.active_negatives, 4);
         assert!((stats.mean_positive - 0.8).abs() < 1e-12);
@@ -448,7 +442,12 @@ mod tests {
             let qn = &qt / qt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
             let rt = Tensor::from_slice(&r).view([m as i64, d as i64]);
             let rn = &rt / rt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
-            let loss = contrastive_loss(&qn, &ql, &qi, &rn, &rl, &ri, 0.5).unwrap();
+            let loss = contrastive_loss(
+                PairSide::new(&qn, &ql, &qi),
+                PairSide::new(&rn, &rl, &ri),
+                0.5,
+            )
+            .unwrap();
             (qt, loss)
         };
         let (qt, loss) = eval(&q, true);
@@ -539,12 +538,12 @@ mod tests {
         let loss = |r: &[Vec<f64>], rl: &[i64], ri: &[i64]| {
             PairLoss::MultiSimilarity(params)
                 .compute(
-                    &tensor(&q),
-                    &Tensor::from_slice(&ql),
-                    &Tensor::from_slice(&qi),
-                    &tensor(r),
-                    &Tensor::from_slice(rl),
-                    &Tensor::from_slice(ri),
+                    PairSide::new(
+                        &tensor(&q),
+                        &Tensor::from_slice(&ql),
+                        &Tensor::from_slice(&qi),
+                    ),
+                    PairSide::new(&tensor(r), &Tensor::from_slice(rl), &Tensor::from_slice(ri)),
                 )
                 .unwrap()
                 .double_value(&[])
@@ -579,9 +578,12 @@ mod tests {
             let qn = &qt / qt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
             let rt = Tensor::from_slice(&r).view([m as i64, d as i64]);
             let rn = &rt / rt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
-            let loss =
-                multi_similarity_loss(&qn, &ql, &qi, &rn, &rl, &ri, MultiSimilarity::default())
-                    .unwrap();
+            let loss = multi_similarity_loss(
+                PairSide::new(&qn, &ql, &qi),
+                PairSide::new(&rn, &rl, &ri),
+                MultiSimilarity::default(),
+            )
+            .unwrap();
             (qt, loss)
         };
         let (qt, loss) = eval(&q, true);
@@ -609,12 +611,21 @@ mod tests {
         let e = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
         let l = Tensor::from_slice(&[0i64, 1, 2]);
         let bad = Tensor::from_slice(&[0i64, 1]);
-        assert!(contrastive_loss(&e, &l, &bad, &e, &l, &l, 0.5).is_err());
+        assert!(
+            contrastive_loss(PairSide::new(&e, &l, &bad), PairSide::new(&e, &l, &l), 0.5).is_err()
+        );
         let e5 = Tensor::zeros([3, 5], (Kind::Float, Device::Cpu));
-        assert!(contrastive_loss(&e, &l, &l, &e5, &l, &l, 0.5).is_err());
+        assert!(
+            contrastive_loss(PairSide::new(&e, &l, &l), PairSide::new(&e5, &l, &l), 0.5).is_err()
+        );
         let empty = Tensor::zeros([0, 4], (Kind::Float, Device::Cpu));
         let none = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
-        let z = contrastive_loss(&empty, &none, &none, &e, &l, &l, 0.5).unwrap();
+        let z = contrastive_loss(
+            PairSide::new(&empty, &none, &none),
+            PairSide::new(&e, &l, &l),
+            0.5,
+        )
+        .unwrap();
         assert_eq!(z.double_value(&[]), 0.0);
     }
 }

@@ -15,7 +15,7 @@ use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::augment::Augment;
-use super::loss::{pair_stats, PairLoss};
+use super::loss::{pair_stats, PairLoss, PairSide};
 use super::memory::CrossBatchMemory;
 use super::sampler::PkSampler;
 use super::TrainError;
@@ -252,9 +252,10 @@ impl Trainer {
         let labels = batch.labels.f_to_device(device)?;
         let ids = batch.ids.f_to_device(device)?;
         let emb = self.forward_train(&batch.inputs)?;
-        let mut loss = self
-            .loss
-            .compute(&emb, &labels, &ids, &emb, &labels, &ids)?;
+        let mut loss = self.loss.compute(
+            PairSide::new(&emb, &labels, &ids),
+            PairSide::new(&emb, &labels, &ids),
+        )?;
         let mut memory_rows = 0;
         let settings = self.memory_settings;
         if let Some(memory) = self
@@ -266,19 +267,19 @@ impl Trainer {
             if let Some(snapshot) = memory.snapshot(step, settings.max_age)? {
                 memory_rows = snapshot.labels.size()[0] as usize;
                 let memory_loss = self.loss.compute(
-                    &emb,
-                    &labels,
-                    &ids,
-                    &snapshot.embeddings,
-                    &snapshot.labels,
-                    &snapshot.ids,
+                    PairSide::new(&emb, &labels, &ids),
+                    PairSide::new(&snapshot.embeddings, &snapshot.labels, &snapshot.ids),
                 )?;
                 loss += memory_loss * settings.weight;
             }
             memory.enqueue(&emb, &labels, &ids, step)?;
         }
         let margin = self.loss.negative_margin();
-        let stats = pair_stats(&emb, &labels, &ids, &emb, &labels, &ids, margin)?;
+        let stats = pair_stats(
+            PairSide::new(&emb, &labels, &ids),
+            PairSide::new(&emb, &labels, &ids),
+            margin,
+        )?;
         self.opt.set_lr(lr);
         self.opt.zero_grad();
         loss.f_backward()?;
