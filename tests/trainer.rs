@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{fashion_images, upsert_images, Server, TestImage};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// A trainer that publishes often and moves the weights enough to see drift.
 const FAST_TRAINER: [(&str, &str); 8] = [
@@ -131,6 +131,18 @@ fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
     let generations = models["generations"].as_array().unwrap();
     assert!(generations.len() >= 3, "{models}");
     assert_eq!(models["active"], model_version(&server));
+    // Each trained generation is a checkpoint in the data dir: model.toml, weights, metrics.
+    let newest = generations.last().unwrap();
+    assert_eq!(newest["details"]["origin"], "trainer");
+    let checkpoint = std::path::PathBuf::from(newest["model_dir"].as_str().unwrap());
+    assert!(checkpoint.starts_with(dir.path()), "{checkpoint:?}");
+    assert!(
+        checkpoint.join("model.toml").exists() && checkpoint.join("model.safetensors").exists()
+    );
+    let metrics: Value =
+        serde_json::from_slice(&std::fs::read(checkpoint.join("metrics.json")).unwrap()).unwrap();
+    assert!(metrics["steps"].as_u64().unwrap() > 0, "{metrics}");
+    assert_eq!(metrics, newest["details"]);
     let (_, metrics) = server.get_text("/metrics");
     let published = metrics
         .lines()

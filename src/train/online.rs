@@ -184,6 +184,7 @@ struct Session {
     published: Vec<u64>,
     probe: Option<Probe>,
     steps: usize,
+    last_loss: Option<f64>,
 }
 
 /// A fixed set of labelled inputs embedded by each published generation to measure drift.
@@ -247,6 +248,7 @@ fn run(context: OnlineContext, handle: TrainerHandle) {
         match train_step(&context, current, &mut pool, &batch_ids, &mut rng) {
             Ok(loss) => {
                 current.steps += 1;
+                current.last_loss = Some(loss);
                 let seconds = started.elapsed().as_secs_f64();
                 context.metrics.trainer_steps.inc();
                 context.metrics.trainer_loss.set(loss);
@@ -328,6 +330,7 @@ fn start_session(context: &OnlineContext, version: u64) -> Result<Session, Strin
         published: Vec::new(),
         probe: None,
         steps: 0,
+        last_loss: None,
     })
 }
 
@@ -389,7 +392,6 @@ fn publish(context: &OnlineContext, session: &mut Session) -> anyhow::Result<(u6
         .data_dir
         .join("generations")
         .join(version.to_string());
-    write_checkpoint(&session.trainer, &dir)?;
     let drift = match session.probe.as_mut() {
         Some(probe) => {
             let now = session.trainer.embed_eval(&probe.inputs)?;
@@ -403,17 +405,21 @@ fn publish(context: &OnlineContext, session: &mut Session) -> anyhow::Result<(u6
         }
         None => None,
     };
+    let details = serde_json::json!({
+        "origin": "trainer",
+        "parent": session.published.last().copied().unwrap_or(session.base),
+        "steps": session.steps,
+        "loss": session.last_loss,
+        "memory_fill": session.trainer.memory_fill(),
+        "drift": drift,
+        "objective": context.config.objective,
+    });
+    write_checkpoint(&session.trainer, &dir, &details)?;
     store.record_generation(&GenerationRecord {
         version,
         model_dir: dir.clone(),
         created_unix: crate::server::unix_now(),
-        details: serde_json::json!({
-            "origin": "trainer",
-            "parent": session.published.last().copied().unwrap_or(session.base),
-            "steps": session.steps,
-            "drift": drift,
-            "objective": context.config.objective,
-        }),
+        details,
     })?;
     context.publisher.start(version, dir)?;
     tracing::info!(
@@ -425,14 +431,25 @@ fn publish(context: &OnlineContext, session: &mut Session) -> anyhow::Result<(u6
     Ok((version, drift))
 }
 
-/// Writes the checkpoint to a temporary directory, syncs it and renames it into place, so a
+/// Training metrics written beside a checkpoint's weights.
+pub const CHECKPOINT_METRICS: &str = "metrics.json";
+
+/// Writes the checkpoint (weights, model.toml, metrics.json) to a temporary directory, syncs it and renames it into place, so a
 /// crash never leaves a half-written generation behind.
-fn write_checkpoint(trainer: &Trainer, dir: &Path) -> anyhow::Result<()> {
+fn write_checkpoint(
+    trainer: &Trainer,
+    dir: &Path,
+    details: &serde_json::Value,
+) -> anyhow::Result<()> {
     let tmp = dir.with_extension("partial");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     trainer.save(&tmp)?;
+    std::fs::write(
+        tmp.join(CHECKPOINT_METRICS),
+        serde_json::to_vec_pretty(details)?,
+    )?;
     for entry in std::fs::read_dir(&tmp)? {
         std::fs::File::open(entry?.path())?.sync_all()?;
     }
