@@ -4,11 +4,12 @@
 # at the same seed, batch size, steps and learning rate. Prints a Markdown table with XBM's
 # overhead (seconds per training step, peak RSS of the training process).
 #
-#   scripts/bench_xbm.sh                       # defaults below, ~15 min on one CPU core
+#   scripts/bench_xbm.sh                       # defaults below, ~15 min on one free CPU core
 #   STEPS=500 CONFIGS="ctr:32:0 ctr:32:xbm" scripts/bench_xbm.sh   # quick check
 #
-# A configuration is LOSS:BATCH:MEM with LOSS = ctr (contrastive) | ms (multi-similarity) and
-# MEM = 0 (no memory) | xbm (MEMORY_SIZE rows from step MEMORY_START) | a row count.
+# A configuration is LOSS:BATCH:MEM[:WEIGHT] with LOSS = ctr (contrastive) | ms
+# (multi-similarity), MEM = 0 (no memory) | xbm (MEMORY_SIZE rows from step MEMORY_START) | a row
+# count, and WEIGHT the memory-loss weight (default MEMORY_WEIGHT).
 # Everything else is shared by all configurations. Models and logs go to $WORK_DIR.
 set -euo pipefail
 
@@ -18,7 +19,7 @@ GLYPHS_DIR="${GLYPHS_DIR:-/tmp/crossbatch-glyphs}"
 CLASSES="${CLASSES:-1000}"          # total; half train, half unseen test
 MAX_FONTS="${MAX_FONTS:-24}"        # fonts (= images) per class; 0 = all (~47)
 SIZE="${SIZE:-32}"
-STEPS="${STEPS:-2000}"
+STEPS="${STEPS:-1500}"
 LR="${LR:-2e-3}"
 SEED="${SEED:-0}"
 PER_CLASS="${PER_CLASS:-2}"         # K of the P×K batches
@@ -31,7 +32,7 @@ MEMORY_WEIGHT="${MEMORY_WEIGHT:-1}"
 MEMORY_MAX_AGE="${MEMORY_MAX_AGE:-0}"
 THREADS="${THREADS:-1}"             # >1 on a busy machine makes OpenMP spin: slower, not faster
 DEVICE="${DEVICE:-cpu}"
-CONFIGS="${CONFIGS:-ctr:32:0 ctr:32:xbm ctr:128:0 ms:32:0 ms:32:xbm}"
+CONFIGS="${CONFIGS:-ctr:32:0 ctr:32:xbm ctr:32:xbm:0.1 ctr:64:0 ms:32:0 ms:32:xbm}"
 WORK_DIR="${WORK_DIR:-/tmp/crossbatch-bench-xbm}"
 
 [[ -x "$BIN" ]] || { echo "no binary at $BIN (make build, or set CROSSBATCH)" >&2; exit 1; }
@@ -93,7 +94,8 @@ print(d)' "$1" "$2"
 rows=()
 started=$SECONDS
 for config in $CONFIGS; do
-    IFS=: read -r loss batch mem <<<"$config"
+    IFS=: read -r loss batch mem weight <<<"$config"
+    weight="${weight:-$MEMORY_WEIGHT}"
     case "$loss" in
         ctr | contrastive) loss_flag=contrastive; loss_name=contrastive ;;
         ms | multi-similarity) loss_flag=multi-similarity; loss_name=multi-similarity ;;
@@ -105,14 +107,16 @@ for config in $CONFIGS; do
         *) mem_rows=$mem ;;
     esac
     name="${loss_name}-b${batch}-m${mem_rows}"
+    [[ "$mem_rows" != 0 && "$weight" != "$MEMORY_WEIGHT" ]] && name="$name-w$weight"
     model="$WORK_DIR/$name"
     rm -rf "$model"
     mem_args=(--memory-size "$mem_rows")
     label="$loss_name"
     if [[ "$mem_rows" != 0 ]]; then
-        mem_args+=(--memory-start "$MEMORY_START" --memory-weight "$MEMORY_WEIGHT"
+        mem_args+=(--memory-start "$MEMORY_START" --memory-weight "$weight"
                    --memory-max-age "$MEMORY_MAX_AGE")
         label="$loss_name + XBM"
+        [[ "$weight" != "$MEMORY_WEIGHT" ]] && label="$label (weight $weight)"
     fi
     echo "== $name" >&2
     run_measured "$WORK_DIR/$name.rss" "$BIN" train --format imagefolder --out "$model" \

@@ -194,7 +194,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.name {
         trainer.set_name(name);
     }
-    trainer.set_memory(args.objective.memory());
+    args.objective.apply(&mut trainer)?;
 
     let mut class_names: Vec<String> = dataset.labels();
     class_names.sort();

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::loss::{MultiSimilarity, PairLoss, DEFAULT_MARGIN};
-use super::offline::MemorySettings;
+use super::offline::{MemorySettings, NormMode, Trainer};
+use super::TrainError;
 
 /// The pair loss to train with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -37,6 +38,14 @@ pub struct Objective {
     /// Ignore memory rows older than this many steps (0 = no limit).
     #[arg(long, default_value_t = 0)]
     pub memory_max_age: u64,
+    /// GradCache chunk size: batches larger than this are embedded in chunks at constant
+    /// memory with identical gradients (0 = off; needs `--norm frozen`).
+    #[arg(long, default_value_t = 0)]
+    pub gradcache_chunk: usize,
+    /// BatchNorm while training: `bn` (batch statistics) or `frozen` (the model's running
+    /// statistics).
+    #[arg(long, value_enum, default_value = "bn")]
+    pub norm: NormMode,
 }
 
 impl Objective {
@@ -48,6 +57,12 @@ impl Objective {
             },
             LossKind::MultiSimilarity => PairLoss::MultiSimilarity(MultiSimilarity::default()),
         }
+    }
+
+    /// Applies memory, GradCache and BatchNorm settings to a trainer.
+    pub fn apply(&self, trainer: &mut Trainer) -> Result<(), TrainError> {
+        trainer.set_memory(self.memory());
+        trainer.set_gradcache(self.gradcache_chunk, self.norm)
     }
 
     /// The XBM settings.

@@ -119,7 +119,24 @@ pub struct Trainer {
     loss: PairLoss,
     memory: Option<CrossBatchMemory>,
     memory_settings: MemorySettings,
+    gradcache_chunk: usize,
+    norm: NormMode,
     steps_done: usize,
+}
+
+/// How BatchNorm layers behave while training.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum NormMode {
+    /// Statistics of the current batch (plain BatchNorm); running averages are updated.
+    #[value(name = "bn")]
+    #[serde(rename = "bn")]
+    Batch,
+    /// The running statistics of the loaded model, not updated (affine parameters still
+    /// train). Required by GradCache; suits fine-tuning with small batches.
+    Frozen,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -168,6 +185,8 @@ impl Trainer {
             loss,
             memory: None,
             memory_settings: MemorySettings::off(),
+            gradcache_chunk: 0,
+            norm: NormMode::Batch,
             steps_done: 0,
         })
     }
@@ -230,12 +249,6 @@ impl Trainer {
         self.opt.set_lr(lr);
     }
 
-    /// Embeds in training mode (BN batch statistics, gradients recorded).
-    pub fn forward_train(&self, inputs: &Tensor) -> Result<Tensor, TrainError> {
-        let xs = inputs.f_to_device(self.device())?.f_to_kind(Kind::Float)?;
-        self.net.forward(&xs, true)
-    }
-
     /// Embeds in eval mode without gradients; returns `[N, D]` on the CPU.
     pub fn embed_eval(&self, inputs: &Tensor) -> Result<Tensor, TrainError> {
         tch::no_grad(|| {
@@ -246,34 +259,13 @@ impl Trainer {
 
     /// One optimisation step with `lr`: pair loss of the batch against itself, plus (once
     /// XBM has started) `weight ×` the pair loss against a memory snapshot taken before the
-    /// batch is enqueued.
+    /// batch is enqueued. With GradCache on and a batch larger than a chunk, the same
+    /// gradients are computed chunk by chunk ([`Trainer::set_gradcache`]).
     pub fn step(&mut self, batch: &Batch, lr: f64) -> Result<StepStats, TrainError> {
         let device = self.device();
         let labels = batch.labels.f_to_device(device)?;
         let ids = batch.ids.f_to_device(device)?;
-        let emb = self.forward_train(&batch.inputs)?;
-        let mut loss = self.loss.compute(
-            PairSide::new(&emb, &labels, &ids),
-            PairSide::new(&emb, &labels, &ids),
-        )?;
-        let mut memory_rows = 0;
-        let settings = self.memory_settings;
-        if let Some(memory) = self
-            .memory
-            .as_mut()
-            .filter(|_| self.steps_done >= settings.start_step)
-        {
-            let step = self.steps_done as u64;
-            if let Some(snapshot) = memory.snapshot(step, settings.max_age)? {
-                memory_rows = snapshot.labels.size()[0] as usize;
-                let memory_loss = self.loss.compute(
-                    PairSide::new(&emb, &labels, &ids),
-                    PairSide::new(&snapshot.embeddings, &snapshot.labels, &snapshot.ids),
-                )?;
-                loss += memory_loss * settings.weight;
-            }
-            memory.enqueue(&emb, &labels, &ids, step)?;
-        }
+        let (loss, emb, memory_rows) = self.compute_gradients(batch, &labels, &ids)?;
         let margin = self.loss.negative_margin();
         let stats = pair_stats(
             PairSide::new(&emb, &labels, &ids),
@@ -281,11 +273,8 @@ impl Trainer {
             margin,
         )?;
         self.opt.set_lr(lr);
-        self.opt.zero_grad();
-        loss.f_backward()?;
         self.opt.step();
         self.steps_done += 1;
-        let loss = loss.f_double_value(&[])?;
         if !loss.is_finite() {
             return Err(TrainError::Config(format!(
                 "loss became {loss} at step {}",
@@ -302,6 +291,107 @@ impl Trainer {
             mean_negative: stats.mean_negative,
             memory_rows,
         })
+    }
+
+    /// Zeroes the parameter gradients and fills them with the gradients of the batch's loss;
+    /// enqueues the batch into the memory. Returns the loss, the (detached) embeddings and
+    /// the number of memory rows used.
+    fn compute_gradients(
+        &mut self,
+        batch: &Batch,
+        labels: &Tensor,
+        ids: &Tensor,
+    ) -> Result<(f64, Tensor, usize), TrainError> {
+        self.opt.zero_grad();
+        let inputs = batch
+            .inputs
+            .f_to_device(self.device())?
+            .f_to_kind(Kind::Float)?;
+        let n = inputs.size().first().copied().unwrap_or(0);
+        let chunk = self.gradcache_chunk as i64;
+        let train = self.norm == NormMode::Batch;
+        let (loss, emb, memory_rows) = if chunk == 0 || n <= chunk {
+            let emb = self.net.forward(&inputs, train)?;
+            let (loss, rows) = self.objective(&emb, labels, ids)?;
+            loss.f_backward()?;
+            (loss, emb.f_detach()?, rows)
+        } else {
+            // GradCache: 1. representations of every chunk without a graph; 2. the full loss
+            // on them (batch and memory terms) and its gradient with respect to them; 3. each
+            // chunk again with a graph, back-propagating the cached gradient through the
+            // surrogate Σ emb ⊙ grad. Inputs are augmented once, before both passes, and the
+            // networks have no dropout, so both passes see identical computations.
+            let chunks = inputs.f_split(chunk, 0)?;
+            let reps = tch::no_grad(|| -> Result<Tensor, TrainError> {
+                let parts = chunks
+                    .iter()
+                    .map(|c| self.net.forward(c, train))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Tensor::f_cat(&parts, 0)?)
+            })?
+            .f_detach()?
+            .set_requires_grad(true);
+            let (loss, rows) = self.objective(&reps, labels, ids)?;
+            loss.f_backward()?;
+            let cached = reps.grad();
+            let mut offset = 0;
+            for c in &chunks {
+                let len = c.size()[0];
+                let emb = self.net.forward(c, train)?;
+                let surrogate = (&emb * cached.f_narrow(0, offset, len)?).f_sum(Kind::Float)?;
+                surrogate.f_backward()?;
+                offset += len;
+            }
+            (loss, reps.f_detach()?, rows)
+        };
+        if let Some(memory) = self
+            .memory
+            .as_mut()
+            .filter(|_| self.steps_done >= self.memory_settings.start_step)
+        {
+            memory.enqueue(&emb, labels, ids, self.steps_done as u64)?;
+        }
+        Ok((loss.f_double_value(&[])?, emb, memory_rows))
+    }
+
+    /// The loss of embeddings `emb`: batch against batch, plus (once XBM has started)
+    /// `weight ×` batch against a memory snapshot. Returns it with the memory rows used.
+    fn objective(
+        &self,
+        emb: &Tensor,
+        labels: &Tensor,
+        ids: &Tensor,
+    ) -> Result<(Tensor, usize), TrainError> {
+        let batch = PairSide::new(emb, labels, ids);
+        let mut loss = self.loss.compute(batch, batch)?;
+        let settings = self.memory_settings;
+        let Some(memory) = self
+            .memory
+            .as_ref()
+            .filter(|_| self.steps_done >= settings.start_step)
+        else {
+            return Ok((loss, 0));
+        };
+        let Some(snapshot) = memory.snapshot(self.steps_done as u64, settings.max_age)? else {
+            return Ok((loss, 0));
+        };
+        let rows = snapshot.labels.size()[0] as usize;
+        let reference = PairSide::new(&snapshot.embeddings, &snapshot.labels, &snapshot.ids);
+        loss += self.loss.compute(batch, reference)? * settings.weight;
+        Ok((loss, rows))
+    }
+
+    /// Sets GradCache's chunk size (0 = off) and how BatchNorm layers behave while training.
+    /// GradCache needs statistics that do not depend on the chunk: it refuses `NormMode::Batch`.
+    pub fn set_gradcache(&mut self, chunk: usize, norm: NormMode) -> Result<(), TrainError> {
+        if chunk > 0 && norm == NormMode::Batch {
+            return Err(TrainError::Config(
+                "GradCache needs BatchNorm statistics that do not depend on the chunk: use --norm frozen".into(),
+            ));
+        }
+        self.gradcache_chunk = chunk;
+        self.norm = norm;
+        Ok(())
     }
 
     /// Writes `DIR/model.toml` and `DIR/<weights>`: safetensors for the builtin network, a
@@ -692,6 +782,86 @@ mod tests {
         assert!(
             diff < 1e-5,
             "saved TorchScript reproduces the trained embeddings ({diff})"
+        );
+    }
+
+    /// Flattened parameter gradients, in a fixed (name) order.
+    fn gradients(trainer: &Trainer) -> Vec<f64> {
+        let mut named: Vec<(String, Tensor)> = trainer.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+            .iter()
+            .filter(|(_, t)| t.requires_grad())
+            .flat_map(|(_, t)| {
+                Vec::<f64>::try_from(&t.grad().to_kind(Kind::Double).view([-1])).unwrap()
+            })
+            .collect()
+    }
+
+    fn toy_batch(data: &TrainData, n: usize) -> Batch {
+        let indices: Vec<usize> = (0..n).collect();
+        Batch {
+            inputs: Tensor::from_slice(&data.gather(&indices)).view([n as i64, 1, 8, 8]),
+            labels: Tensor::from_slice(
+                &indices
+                    .iter()
+                    .map(|&i| data.classes[i] as i64)
+                    .collect::<Vec<_>>(),
+            ),
+            ids: Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>()),
+        }
+    }
+
+    #[test]
+    fn gradcache_gradients_equal_full_batch_gradients() {
+        let data = toy_data(6, 4);
+        for loss in [CONTRASTIVE, PairLoss::MultiSimilarity(Default::default())] {
+            let mut full = Trainer::new(spec(), Device::Cpu, 1e-3, loss).unwrap();
+            let mut cached = Trainer::new(spec(), Device::Cpu, 1e-3, loss).unwrap();
+            cached.vs.copy(&full.vs).unwrap();
+            full.set_gradcache(0, NormMode::Frozen).unwrap();
+            cached.set_gradcache(5, NormMode::Frozen).unwrap();
+            let memory = MemorySettings {
+                size: 64,
+                start_step: 0,
+                weight: 0.7,
+                max_age: None,
+            };
+            full.set_memory(memory);
+            cached.set_memory(memory);
+            // Two steps, so the second one also has a memory term.
+            for round in 0..2 {
+                let batch = toy_batch(&data, 24);
+                let labels = batch.labels.shallow_clone();
+                let ids = batch.ids.shallow_clone() + round * 100;
+                let (a, _, rows_a) = full.compute_gradients(&batch, &labels, &ids).unwrap();
+                let (b, _, rows_b) = cached.compute_gradients(&batch, &labels, &ids).unwrap();
+                assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
+                assert_eq!(rows_a, rows_b);
+                assert_eq!(rows_a, if round == 0 { 0 } else { 24 });
+                let (ga, gb) = (gradients(&full), gradients(&cached));
+                assert_eq!(ga.len(), gb.len());
+                let scale = ga.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+                assert!(scale > 1e-4, "non-trivial gradients");
+                let worst = ga
+                    .iter()
+                    .zip(&gb)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    worst < 1e-4 * scale,
+                    "GradCache gradient differs by {worst} (scale {scale})"
+                );
+                full.opt.step();
+                cached.opt.step();
+                full.steps_done += 1;
+                cached.steps_done += 1;
+            }
+        }
+        let mut plain = Trainer::new(spec(), Device::Cpu, 1e-3, CONTRASTIVE).unwrap();
+        assert!(
+            plain.set_gradcache(4, NormMode::Batch).is_err(),
+            "GradCache refuses batch statistics"
         );
     }
 

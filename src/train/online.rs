@@ -322,7 +322,9 @@ fn start_session(context: &OnlineContext, version: u64) -> Result<Session, Strin
         objective.pair_loss(),
     )
     .map_err(|e| format!("generation {version} cannot be fine-tuned: {e}"))?;
-    trainer.set_memory(objective.memory());
+    objective
+        .apply(&mut trainer)
+        .map_err(|e| format!("trainer settings: {e}"))?;
     tracing::info!(version, "online trainer starts from generation");
     Ok(Session {
         trainer,
