@@ -15,10 +15,10 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${CROSSBATCH:-$ROOT/target/release/crossbatch}"
-GLYPHS_DIR="${GLYPHS_DIR:-/tmp/crossbatch-glyphs}"
 CLASSES="${CLASSES:-1000}"          # total; half train, half unseen test
 MAX_FONTS="${MAX_FONTS:-24}"        # fonts (= images) per class; 0 = all (~47)
 SIZE="${SIZE:-32}"
+GLYPHS_DIR="${GLYPHS_DIR:-/tmp/crossbatch-glyphs-${CLASSES}c-${MAX_FONTS}f-${SIZE}px}"
 STEPS="${STEPS:-1500}"
 LR="${LR:-2e-3}"
 SEED="${SEED:-0}"
@@ -32,6 +32,7 @@ MEMORY_WEIGHT="${MEMORY_WEIGHT:-1}"
 MEMORY_MAX_AGE="${MEMORY_MAX_AGE:-0}"
 THREADS="${THREADS:-1}"             # >1 on a busy machine makes OpenMP spin: slower, not faster
 DEVICE="${DEVICE:-cpu}"
+EXTRA_TRAIN_ARGS="${EXTRA_TRAIN_ARGS:-}" # appended to every `train`, e.g. "--norm frozen"
 CONFIGS="${CONFIGS:-ctr:32:0 ctr:32:xbm ctr:32:xbm:0.1 ctr:64:0 ms:32:0 ms:32:xbm}"
 WORK_DIR="${WORK_DIR:-/tmp/crossbatch-bench-xbm}"
 
@@ -123,7 +124,7 @@ for config in $CONFIGS; do
         --steps "$STEPS" --batch-size "$batch" --per-class "$PER_CLASS" --lr "$LR" \
         --seed "$SEED" --loss "$loss_flag" "${mem_args[@]}" --threads "$THREADS" \
         --device "$DEVICE" --max-shift "$MAX_SHIFT" --embedding-dim "$EMBEDDING_DIM" \
-        --widths "$WIDTHS" "$GLYPHS_DIR/train" 2> "$WORK_DIR/$name.train.log"
+        --widths "$WIDTHS" $EXTRA_TRAIN_ARGS "$GLYPHS_DIR/train" 2> "$WORK_DIR/$name.train.log"
     grep -v '^step ' "$WORK_DIR/$name.train.log" >&2 || true
     # Seconds of the training loop itself (excludes loading/preprocessing the images).
     train_s=$(sed -n 's/^trained [0-9]* steps in \([0-9.]*\) s.*/\1/p' "$WORK_DIR/$name.train.log")
@@ -148,7 +149,8 @@ echo "Glyphs: $n_train_classes train classes ($n_train images) / $n_test_classes
      "classes ($n_test images), ${SIZE}px; resnet-small widths $WIDTHS, dim $EMBEDDING_DIM;" \
      "P×K batches with K=$PER_CLASS, lr $LR (Adam, 5 % warm-up, cosine), seed $SEED, $THREADS" \
      "thread(s), device $DEVICE. XBM: start step $MEMORY_START, weight $MEMORY_WEIGHT," \
-     "max age $MEMORY_MAX_AGE (0 = none). R@K and MAP@R in %, leave-one-out on the test classes."
+     "max age $MEMORY_MAX_AGE (0 = none).${EXTRA_TRAIN_ARGS:+ Extra train flags: $EXTRA_TRAIN_ARGS.}" \
+     "R@K and MAP@R in %, leave-one-out on the test classes."
 echo
 echo "| config | batch | steps | memory size | R@1 | R@2 | R@4 | R@8 | MAP@R | s/step | peak RSS MB |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
