@@ -66,9 +66,9 @@ VERSION_BEFORE=$(curl -s "$URL/v1/info" | sed -n 's/.*"model_version":\([0-9]*\)
 wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s -s "$WORK/search.lua" "$URL" >"$WORK/wrk.txt"
 AFTER=$(published)
 VERSION_AFTER=$(curl -s "$URL/v1/info" | sed -n 's/.*"model_version":\([0-9]*\).*/\1/p')
-read -r _ REQUESTS SECONDS RPS P50 P99 STATUS CONNECT READ TIMEOUT < <(grep '^RESULT' "$WORK/wrk.txt")
+read -r _ REQUESTS RUN_SECONDS RPS P50 P99 STATUS CONNECT READ TIMEOUT < <(grep '^RESULT' "$WORK/wrk.txt")
 echo
 echo "| items | connections | seconds | requests | requests/s | p50 ms | p99 ms | non-2xx | socket errors | generations swapped (versions) |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-echo "| $ITEMS | $CONNECTIONS | $SECONDS | $REQUESTS | $RPS | $P50 | $P99 | $STATUS | $((CONNECT + READ + TIMEOUT)) | $((${AFTER%.*} - ${BEFORE%.*})) ($VERSION_BEFORE → $VERSION_AFTER) |"
+echo "| $ITEMS | $CONNECTIONS | $RUN_SECONDS | $REQUESTS | $RPS | $P50 | $P99 | $STATUS | $((CONNECT + READ + TIMEOUT)) | $((${AFTER%.*} - ${BEFORE%.*})) ($VERSION_BEFORE → $VERSION_AFTER) |"
 [ "$STATUS" -eq 0 ] && [ $((CONNECT + READ + TIMEOUT)) -eq 0 ]

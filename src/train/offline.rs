@@ -563,8 +563,8 @@ pub fn train(
         };
         ema = Some(smoothed);
         bar.set_message(format!(
-            "loss {smoothed:.4}  s+ {:.2}  s- {:.2}  lr {lr:.2e}",
-            stats.mean_positive, stats.mean_negative
+            "loss {smoothed:.4}  s+ {:.2}  s- {:.2}  memory {}  lr {lr:.2e}",
+            stats.mean_positive, stats.mean_negative, stats.memory_rows
         ));
         bar.inc(1);
         if step % 100 == 0 || step + 1 == config.steps {
@@ -572,9 +572,12 @@ pub fn train(
             if config.progress && !std::io::stderr().is_terminal() {
                 // No progress bar without a terminal: log a line instead.
                 eprintln!(
-                    "step {}/{}  loss {smoothed:.4}  lr {lr:.2e}  {:.0} s",
+                    "step {}/{}  loss {smoothed:.4}  s+ {:.2}  s- {:.2}  memory rows {}  lr {lr:.2e}  {:.0} s",
                     stats.step,
                     config.steps,
+                    stats.mean_positive,
+                    stats.mean_negative,
+                    stats.memory_rows,
                     started.elapsed().as_secs_f64()
                 );
             }
