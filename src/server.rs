@@ -16,7 +16,7 @@ use crate::model::spec::ModelSpec;
 use crate::registry::builder::{embed_stored, META_ACTIVE_VERSION};
 use crate::registry::{BuildContext, Generation, Publisher, Registry};
 use crate::store::{GenerationRecord, Store};
-use crate::train::online::{self, OnlineContext};
+use crate::train::online::{self, OnlineContext, TrainerHandle};
 
 /// Store meta key: fingerprint of the configured base model when it was last registered.
 const META_BASE_FINGERPRINT: &str = "base_model_fingerprint";
@@ -24,6 +24,9 @@ const META_BASE_FINGERPRINT: &str = "base_model_fingerprint";
 const REBUILD_BATCH: usize = 4096;
 /// Items re-embedded per batch when the model changed.
 const REEMBED_BATCH: usize = 256;
+
+/// Longest wait for the trainer's current step when the server stops.
+const TRAINER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A server started by [`start`].
 pub struct RunningServer {
@@ -40,18 +43,25 @@ impl RunningServer {
     /// trainer.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
-        if let Some(trainer) = &self.state.trainer {
-            trainer.stop();
-        }
-        self.task.await??;
-        Ok(())
+        finish(self.task, self.state.trainer).await
     }
 
-    /// Waits until the server ends (after a shutdown signal).
+    /// Waits until the server ends (after a shutdown signal), then stops the trainer.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await??;
-        Ok(())
+        finish(self.task, self.state.trainer).await
     }
+}
+
+/// Waits for the HTTP server to drain, then stops the trainer thread.
+async fn finish(
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    trainer: Option<TrainerHandle>,
+) -> anyhow::Result<()> {
+    task.await??;
+    if let Some(trainer) = trainer {
+        tokio::task::spawn_blocking(move || trainer.stop(TRAINER_STOP_TIMEOUT)).await?;
+    }
+    Ok(())
 }
 
 /// Binds the port and starts serving; the model and index load in the background.

@@ -81,6 +81,7 @@ pub struct TrainerStatus {
 #[derive(Debug)]
 struct Control {
     stopped: bool,
+    finished: bool,
     paused: bool,
     publish_requested: bool,
     status: TrainerStatus,
@@ -115,10 +116,24 @@ impl TrainerHandle {
         self.shared.1.notify_all();
     }
 
-    /// Ends the trainer thread (after its current step).
-    pub fn stop(&self) {
-        self.lock().stopped = true;
+    /// Ends the trainer thread after its current step and waits up to `timeout` for it, so
+    /// that no training step runs while the process tears libtorch down.
+    pub fn stop(&self, timeout: Duration) {
+        let mut control = self.lock();
+        control.stopped = true;
         self.shared.1.notify_all();
+        let deadline = Instant::now() + timeout;
+        while !control.finished {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("the trainer did not stop within {timeout:?}");
+                return;
+            }
+            control = match self.shared.1.wait_timeout(control, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
     }
 
     /// Publishes a generation after the next step (even while paused, if it has trained).
@@ -150,6 +165,7 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
         shared: Arc::new((
             Mutex::new(Control {
                 stopped: false,
+                finished: false,
                 paused: context.config.start_paused,
                 publish_requested: false,
                 status: TrainerStatus {
@@ -173,7 +189,11 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
     let thread_handle = handle.clone();
     std::thread::Builder::new()
         .name("online-trainer".into())
-        .spawn(move || run(context, thread_handle))?;
+        .spawn(move || {
+            run(context, &thread_handle);
+            thread_handle.lock().finished = true;
+            thread_handle.shared.1.notify_all();
+        })?;
     Ok(handle)
 }
 
@@ -193,7 +213,7 @@ struct Probe {
     last: Tensor,
 }
 
-fn run(context: OnlineContext, handle: TrainerHandle) {
+fn run(context: OnlineContext, handle: &TrainerHandle) {
     let mut pool = ExamplePool::default();
     let mut session: Option<Session> = None;
     let mut rng = StdRng::seed_from_u64(0x5eed);
@@ -217,7 +237,7 @@ fn run(context: OnlineContext, handle: TrainerHandle) {
                     control.status.message = None;
                 }
                 Err(message) => {
-                    set_state(&handle, TrainerState::Unsupported, Some(message));
+                    set_state(handle, TrainerState::Unsupported, Some(message));
                     std::thread::sleep(IDLE_WAIT * 10);
                     continue;
                 }
@@ -227,8 +247,8 @@ fn run(context: OnlineContext, handle: TrainerHandle) {
             continue;
         };
         if handle.lock().paused {
-            maybe_publish(&context, &handle, current);
-            wait(&handle);
+            maybe_publish(&context, handle, current);
+            wait(handle);
             continue;
         }
         if current.steps % REFRESH_EVERY_STEPS == 0 || pool.sampler.is_none() {
@@ -240,8 +260,8 @@ fn run(context: OnlineContext, handle: TrainerHandle) {
             control.status.trainable_labels = pool.trainable_labels;
         }
         let Some(batch_ids) = pool.sampler.as_mut().map(PkSampler::next_batch) else {
-            set_state(&handle, TrainerState::Idle, None);
-            wait(&handle);
+            set_state(handle, TrainerState::Idle, None);
+            wait(handle);
             continue;
         };
         let started = Instant::now();
@@ -277,7 +297,7 @@ fn run(context: OnlineContext, handle: TrainerHandle) {
                 if current.steps % context.config.publish_every.max(1) == 0 {
                     handle.lock().publish_requested = true;
                 }
-                maybe_publish(&context, &handle, current);
+                maybe_publish(&context, handle, current);
                 let duty = context.config.duty_cycle.clamp(0.01, 1.0);
                 std::thread::sleep(Duration::from_secs_f64(seconds * (1.0 - duty) / duty));
             }
