@@ -187,17 +187,7 @@ fn rollback_roll_forward_and_restart_keep_the_active_generation() {
         max_diff(&embedding, &base_embedding) < 1e-5,
         "rollback serves the base weights"
     );
-    let results = server
-        .post(
-            "/v1/search",
-            &json!({ "query": { "image": probe.png }, "k": 1 }),
-        )
-        .1;
-    assert_eq!(results["results"][0]["id"], "r-7");
-    assert!(
-        results["results"][0]["score"].as_f64().unwrap() > 0.9999,
-        "index re-embedded by the base model"
-    );
+    assert_index_matches_model(&server, &probe, "r-7");
     assert_eq!(server.post("/v1/models/999/activate", &json!({})).0, 404);
 
     // A restart (SIGKILL) comes back on the active generation.
@@ -221,12 +211,22 @@ fn rollback_roll_forward_and_restart_keep_the_active_generation() {
         item["model_version"], trained,
         "stored embeddings refreshed to the active model"
     );
+    assert_index_matches_model(&server, &probe, "r-7");
+}
+
+/// The stored item `id` of `image` is found first with score 1: the live index was embedded
+/// by the same model that embeds the query.
+fn assert_index_matches_model(server: &Server, image: &TestImage, id: &str) {
     let results = server
         .post(
             "/v1/search",
-            &json!({ "query": { "image": probe.png }, "k": 1 }),
+            &json!({ "query": { "image": image.png }, "k": 1 }),
         )
         .1;
-    assert_eq!(results["results"][0]["id"], "r-7");
-    assert!(results["results"][0]["score"].as_f64().unwrap() > 0.9999);
+    assert_eq!(results["results"][0]["id"], id, "{results}");
+    let score = results["results"][0]["score"].as_f64().unwrap();
+    assert!(
+        score > 0.9999,
+        "index and model disagree: self-score {score}"
+    );
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Building, Generation, Registry, WriteError};
+use super::{Building, Generation, Registry, WriteError, WriteState};
 use crate::embed::preprocess::values_from_raw;
 use crate::embed::{BatchingLimits, EmbedError, Embedder};
 use crate::index::{IndexParams, VectorIndex};
@@ -160,11 +160,7 @@ impl Registry {
             let embedded = embed_rows(generation, chunk)?;
             {
                 let writes = self.lock_writes();
-                let touched = writes.building.as_ref().map(|b| &b.touched);
-                let fresh: Vec<_> = embedded
-                    .into_iter()
-                    .filter(|r| !touched.is_some_and(|t| t.contains(&r.id)))
-                    .collect();
+                let fresh = untouched(&writes, embedded);
                 insert(generation, chunk, &fresh)?;
                 refreshes.extend(fresh);
             }
@@ -236,11 +232,7 @@ impl Registry {
     ) -> Result<Vec<EmbeddingRefresh>, BuildError> {
         let (ids, rows, embedded) = reread(store, generation, touched)?;
         let writes = self.lock_writes();
-        let again = writes.building.as_ref().map(|b| &b.touched);
-        let fresh: Vec<_> = embedded
-            .into_iter()
-            .filter(|r| !again.is_some_and(|t| t.contains(&r.id)))
-            .collect();
+        let fresh = untouched(&writes, embedded);
         apply(generation, &ids, &rows, &fresh)?;
         Ok(fresh)
     }
@@ -256,6 +248,16 @@ impl Registry {
         apply(generation, &ids, &rows, &embedded)?;
         Ok(embedded)
     }
+}
+
+/// Keeps the embeddings of items not written since they were read; the others are re-read
+/// by the next catch-up round. Call with the write lock held.
+fn untouched(writes: &WriteState, embedded: Vec<EmbeddingRefresh>) -> Vec<EmbeddingRefresh> {
+    let touched = writes.building.as_ref().map(|b| &b.touched);
+    embedded
+        .into_iter()
+        .filter(|r| !touched.is_some_and(|t| t.contains(&r.id)))
+        .collect()
 }
 
 /// Touched ids, their current inputs (deleted ones absent) and the new embeddings.
