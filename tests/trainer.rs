@@ -81,6 +81,31 @@ fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
             })
         })
         .collect();
+    // Meanwhile a writer upserts new items and deletes some: writes made while a generation
+    // is being built must reach it before it goes live.
+    let writer = {
+        let (server, stop, images) = (server.clone(), stop.clone(), images.clone());
+        std::thread::spawn(move || {
+            let (mut kept, mut deleted) = (Vec::new(), Vec::new());
+            let mut n = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let image = &images[n % images.len()];
+                let item =
+                    json!({ "id": format!("w-{n}"), "label": image.label, "image": image.png });
+                let (status, body) = server.post("/v1/items", &json!({ "items": [item] }));
+                assert_eq!(status, 200, "a write failed during swaps: {body}");
+                kept.push(n);
+                if n % 4 == 3 {
+                    let victim = kept.remove(kept.len() - 2);
+                    assert_eq!(server.delete(&format!("/v1/items/w-{victim}")).0, 200);
+                    deleted.push(victim);
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (kept, deleted)
+        })
+    };
     wait_for("two generation swaps", Duration::from_secs(300), || {
         model_version(&server) >= base + 2
     });
@@ -89,6 +114,64 @@ fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
         .into_iter()
         .flat_map(|c| c.join().unwrap())
         .collect();
+    let (kept, deleted) = writer.join().unwrap();
+    assert!(
+        kept.len() > 10 && !deleted.is_empty(),
+        "too few writes: {}",
+        kept.len()
+    );
+    for n in &kept {
+        let id = format!("w-{n}");
+        // The item shares its image with fm-{n % 200}: ties at score 1 come in any order.
+        let by_item = server
+            .post(
+                "/v1/search",
+                &json!({ "query": { "item_id": id }, "k": 10 }),
+            )
+            .1;
+        let listed = by_item["results"]
+            .as_array()
+            .is_some_and(|results| results.iter().any(|r| r["id"] == id.as_str()));
+        assert!(listed, "{id} missing from the live index: {by_item}");
+        let image = &images[n % images.len()];
+        let by_image = server
+            .post(
+                "/v1/search",
+                &json!({ "query": { "image": image.png }, "k": 10 }),
+            )
+            .1;
+        let own = by_image["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id.as_str());
+        let score = own.unwrap_or_else(|| panic!("{id} not found by its image: {by_image}"))
+            ["score"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            score > 0.9999,
+            "{id} was indexed by another generation's model: {score}"
+        );
+    }
+    for n in &deleted {
+        let id = format!("w-{n}");
+        assert_eq!(server.get(&format!("/v1/items/{id}")).0, 404);
+        let by_image = server
+            .post(
+                "/v1/search",
+                &json!({ "query": { "image": images[n % images.len()].png }, "k": 10 }),
+            )
+            .1;
+        assert!(
+            by_image["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["id"] != id.as_str()),
+            "deleted {id} came back after a swap"
+        );
+    }
 
     assert!(
         responses.len() > 20,
