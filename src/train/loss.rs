@@ -306,6 +306,28 @@ mod tests {
         Tensor::from_slice(&flat).view([rows.len() as i64, -1])
     }
 
+    /// [`contrastive_loss`] on the same plain-Rust rows that [`brute_force`] takes.
+    #[allow(clippy::too_many_arguments)]
+    fn tensor_loss(
+        q: &[Vec<f64>],
+        ql: &[i64],
+        qi: &[i64],
+        r: &[Vec<f64>],
+        rl: &[i64],
+        ri: &[i64],
+        margin: f64,
+    ) -> f64 {
+        let (qt, qlt, qit) = (tensor(q), Tensor::from_slice(ql), Tensor::from_slice(qi));
+        let (rt, rlt, rit) = (tensor(r), Tensor::from_slice(rl), Tensor::from_slice(ri));
+        contrastive_loss(
+            PairSide::new(&qt, &qlt, &qit),
+            PairSide::new(&rt, &rlt, &rit),
+            margin,
+        )
+        .unwrap()
+        .double_value(&[])
+    }
+
     #[test]
     fn matches_brute_force_batch_vs_batch_and_vs_memory() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
@@ -314,21 +336,7 @@ mod tests {
         let ql: Vec<i64> = (0..9).map(|i| i % 3).collect();
         let qi: Vec<i64> = (100..109).collect();
         // Batch vs batch: every anchor meets itself, which must be masked by id.
-        let got = contrastive_loss(
-            PairSide::new(
-                &tensor(&q),
-                &Tensor::from_slice(&ql),
-                &Tensor::from_slice(&qi),
-            ),
-            PairSide::new(
-                &tensor(&q),
-                &Tensor::from_slice(&ql),
-                &Tensor::from_slice(&qi),
-            ),
-            0.5,
-        )
-        .unwrap()
-        .double_value(&[]);
+        let got = tensor_loss(&q, &ql, &qi, &q, &ql, &qi, 0.5);
         let want = brute_force(&q, &ql, &qi, &q, &ql, &qi, 0.5);
         assert!((got - want).abs() < 1e-10, "{got} vs {want}");
 
@@ -342,21 +350,7 @@ mod tests {
         ri[3] = 102;
         ri[7] = 105;
         ri.push(999);
-        let got = contrastive_loss(
-            PairSide::new(
-                &tensor(&q),
-                &Tensor::from_slice(&ql),
-                &Tensor::from_slice(&qi),
-            ),
-            PairSide::new(
-                &tensor(&r),
-                &Tensor::from_slice(&rl),
-                &Tensor::from_slice(&ri),
-            ),
-            0.5,
-        )
-        .unwrap()
-        .double_value(&[]);
+        let got = tensor_loss(&q, &ql, &qi, &r, &rl, &ri, 0.5);
         let want = brute_force(&q, &ql, &qi, &r, &rl, &ri, 0.5);
         assert!((got - want).abs() < 1e-10, "{got} vs {want}");
         // A genuine duplicate (same embedding, other id) is a pair; the same id is not. Value
