@@ -7,19 +7,21 @@ use std::process::Command;
 use common::{Server, FMNIST_IMAGES, FMNIST_LABELS};
 use serde_json::Value;
 
-fn crossbatch(args: &[&str]) -> String {
+/// Runs crossbatch, asserts success, returns its stdout and stderr.
+fn crossbatch(args: &[&str]) -> (String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_crossbatch"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("RUST_LOG", "warn")
         .args(args)
         .output()
         .expect("run crossbatch");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(
         output.status.success(),
-        "crossbatch {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+        "crossbatch {args:?} failed: {stderr}"
     );
-    String::from_utf8(output.stdout).expect("utf-8")
+    (stdout, stderr)
 }
 
 #[test]
@@ -47,7 +49,7 @@ fn import_then_eval_through_the_server_matches_offline_eval() {
 
     let mut online = vec!["eval", "--json", "--server", &server.url];
     online.extend(data);
-    let online: Value = serde_json::from_str(&crossbatch(&online)).unwrap();
+    let online: Value = serde_json::from_str(&crossbatch(&online).0).unwrap();
     let mut offline = vec![
         "eval",
         "--json",
@@ -57,7 +59,7 @@ fn import_then_eval_through_the_server_matches_offline_eval() {
         "models/default",
     ];
     offline.extend(data);
-    let offline: Value = serde_json::from_str(&crossbatch(&offline)).unwrap();
+    let offline: Value = serde_json::from_str(&crossbatch(&offline).0).unwrap();
     assert_eq!(online["n"], 400);
     for k in ["1", "2", "4", "8"] {
         let (a, b) = (
@@ -101,21 +103,90 @@ fn train_writes_a_model_the_server_can_load() {
         FMNIST_IMAGES,
     ]);
     assert!(model_dir.join("model.toml").exists());
-    let report: Value = serde_json::from_str(&crossbatch(&[
-        "eval",
-        "--json",
-        "--device",
-        "cpu",
-        "--model",
-        model,
+    let report: Value = serde_json::from_str(
+        &crossbatch(&[
+            "eval",
+            "--json",
+            "--device",
+            "cpu",
+            "--model",
+            model,
+            "--format",
+            "idx",
+            "--labels",
+            FMNIST_LABELS,
+            "--limit",
+            "100",
+            FMNIST_IMAGES,
+        ])
+        .0,
+    )
+    .unwrap();
+    assert_eq!(report["n"], 100);
+
+    // Fine-tuning with every objective switch: multi-similarity, XBM, GradCache, frozen BN.
+    let tuned_dir = out.path().join("tuned");
+    let tuned = tuned_dir.to_str().unwrap();
+    let (stdout, stderr) = crossbatch(&[
+        "train",
         "--format",
         "idx",
         "--labels",
         FMNIST_LABELS,
         "--limit",
-        "100",
+        "300",
+        "--steps",
+        "3",
+        "--batch-size",
+        "40",
+        "--per-class",
+        "4",
+        "--device",
+        "cpu",
+        "--init",
+        "models/default",
+        "--loss",
+        "multi-similarity",
+        "--memory-size",
+        "64",
+        "--memory-start",
+        "1",
+        "--gradcache-chunk",
+        "16",
+        "--norm",
+        "frozen",
+        "--out",
+        tuned,
         FMNIST_IMAGES,
-    ]))
-    .unwrap();
-    assert_eq!(report["n"], 100);
+    ]);
+    let log = stdout + &stderr;
+    assert!(log.contains("trained 3 steps"), "{log}");
+    assert!(tuned_dir.join("model.safetensors").exists());
+    // GradCache with batch statistics is refused with a clear message.
+    let refused = Command::new(env!("CARGO_BIN_EXE_crossbatch"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "train",
+            "--format",
+            "idx",
+            "--labels",
+            FMNIST_LABELS,
+            "--limit",
+            "100",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--gradcache-chunk",
+            "16",
+            "--norm",
+            "bn",
+            "--out",
+            tuned,
+            FMNIST_IMAGES,
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--norm frozen"));
 }
