@@ -172,22 +172,21 @@ impl Registry {
         }
         // Catch up with writes made meanwhile until few remain.
         loop {
-            let touched = self.take_touched();
-            if touched.len() <= SWAP_REMAINDER {
-                self.restore_touched(touched);
-                break;
-            }
+            let touched = {
+                let mut writes = self.lock_writes();
+                if writes.building.as_ref().map_or(0, |b| b.touched.len()) <= SWAP_REMAINDER {
+                    break;
+                }
+                take_touched(&mut writes)
+            };
             refreshes.extend(self.catch_up(store, generation, touched)?);
         }
         let swap_started = Instant::now();
         let previous = {
             let mut writes = self.lock_writes();
-            let touched = writes
-                .building
-                .as_mut()
-                .map(|b| std::mem::take(&mut b.touched))
-                .unwrap_or_default();
-            refreshes.extend(self.embed_touched(store, generation, touched)?);
+            let (ids, rows, embedded) = reread(store, generation, take_touched(&mut writes))?;
+            apply(generation, &ids, &rows, &embedded)?;
+            refreshes.extend(embedded);
             let previous = self.live().map(|g| g.version);
             self.live.store(Some(generation.clone()));
             writes.building = None;
@@ -207,21 +206,6 @@ impl Registry {
         })
     }
 
-    fn take_touched(&self) -> HashSet<String> {
-        let mut writes = self.lock_writes();
-        writes
-            .building
-            .as_mut()
-            .map(|b| std::mem::take(&mut b.touched))
-            .unwrap_or_default()
-    }
-
-    fn restore_touched(&self, ids: HashSet<String>) {
-        if let Some(building) = self.lock_writes().building.as_mut() {
-            building.touched.extend(ids);
-        }
-    }
-
     /// Re-reads touched items and embeds them outside the write lock; items touched again
     /// meanwhile stay touched for the next round.
     fn catch_up(
@@ -236,18 +220,15 @@ impl Registry {
         apply(generation, &ids, &rows, &fresh)?;
         Ok(fresh)
     }
+}
 
-    /// Embeds the last touched items while the caller holds the write lock.
-    fn embed_touched(
-        &self,
-        store: &Store,
-        generation: &Generation,
-        touched: HashSet<String>,
-    ) -> Result<Vec<EmbeddingRefresh>, BuildError> {
-        let (ids, rows, embedded) = reread(store, generation, touched)?;
-        apply(generation, &ids, &rows, &embedded)?;
-        Ok(embedded)
-    }
+/// Takes the ids written since the last catch-up. Call with the write lock held.
+fn take_touched(writes: &mut WriteState) -> HashSet<String> {
+    writes
+        .building
+        .as_mut()
+        .map(|b| std::mem::take(&mut b.touched))
+        .unwrap_or_default()
 }
 
 /// Keeps the embeddings of items not written since they were read; the others are re-read

@@ -388,22 +388,11 @@ mod tests {
         let ids = Tensor::from_slice(&[0i64, 1, 2]);
         // a: pos c (1 − 0.8), neg b s=0.6 > 0.5 → 0.6.  b: negs a (0.6), c (0.96).
         // c: pos a (0.2), neg b 0.96.  Total 0.2+0.6+0.6+0.96+0.2+0.96 = 3.52; / 3.
-        let got = contrastive_loss(
-            PairSide::new(&tensor(&q), &l, &ids),
-            PairSide::new(&tensor(&q), &l, &ids),
-            0.5,
-        )
-        .unwrap()
-        .double_value(&[]);
+        let (labels, id_values) = ([0i64, 1, 0], [0i64, 1, 2]);
+        let got = tensor_loss(&q, &labels, &id_values, &q, &labels, &id_values, 0.5);
         assert!((got - 3.52 / 3.0).abs() < 1e-12, "{got}");
         // With margin 0.7 the a–b negatives (0.6) drop out.
-        let got = contrastive_loss(
-            PairSide::new(&tensor(&q), &l, &ids),
-            PairSide::new(&tensor(&q), &l, &ids),
-            0.7,
-        )
-        .unwrap()
-        .double_value(&[]);
+        let got = tensor_loss(&q, &labels, &id_values, &q, &labels, &id_values, 0.7);
         assert!((got - 2.32 / 3.0).abs() < 1e-12, "{got}");
         let stats = pair_stats(
             PairSide::new(&tensor(&q), &l, &ids),
