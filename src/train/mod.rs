@@ -1,11 +1,14 @@
 //! Metric learning: P×K sampling, augmentation, pair losses and the training loop.
 
 pub mod augment;
+pub mod class_head;
+pub mod leo;
 pub mod loss;
 pub mod memory;
 pub mod objective;
 pub mod offline;
 pub mod online;
+pub mod replay;
 pub mod sampler;
 
 /// Errors from training.

@@ -1,0 +1,1 @@
+//! Class head: cosine proxies with a scale, trained with Balanced Softmax cross-entropy.
