@@ -28,7 +28,7 @@ pub enum Command {
     /// Retrieval quality (Recall@k, MAP@R) of a model or a running server on a dataset.
     Eval(eval::EvalArgs),
     /// Offline metric learning on a labelled dataset; writes a model directory.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Benchmarks: embedding throughput (model vs HTTP), HNSW vs exact search.
     Bench(bench::BenchArgs),
     /// Render a many-class Hangul glyph dataset (train/test with disjoint classes) from fonts.
@@ -41,7 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Import(args) => import::run(args),
         Command::Eval(args) => eval::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Glyphs(args) => glyphs::run(args),
     }

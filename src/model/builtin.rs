@@ -4,9 +4,15 @@
 //! `widths` (the first at stride 1, the others at stride 2; each a basic block of two 3×3
 //! convs with BN and a 1×1 projection shortcut when the shape changes), global average pool,
 //! a linear head to `embedding_dim`, and L2 normalisation.
-use tch::nn::{self, ModuleT};
-use tch::Tensor;
+//!
+//! Every BatchNorm follows a convolution; for training with tiny batches each such pair can
+//! switch to cross-iteration statistics ([`ResNetSmall::set_cross_iteration`]).
+use std::cell::RefCell;
 
+use tch::nn;
+use tch::{TchError, Tensor};
+
+use super::cross_iteration_norm::{CrossIterationNorm, CrossIterationSettings, NormConstants};
 use super::spec::ModelSpec;
 
 /// Architecture name of the built-in network in `model.toml`.
@@ -15,80 +21,128 @@ pub const ARCHITECTURE: &str = "resnet-small";
 /// Channel widths used when none are given.
 pub const DEFAULT_WIDTHS: [i64; 3] = [32, 64, 128];
 
-fn conv3x3(vs: nn::Path<'_>, c_in: i64, c_out: i64, stride: i64) -> nn::Conv2D {
-    let config = nn::ConvConfig {
-        stride,
-        padding: 1,
-        bias: false,
-        ..Default::default()
-    };
-    nn::conv2d(vs, c_in, c_out, 3, config)
+/// BatchNorm ε and momentum of every normalisation layer (tch's defaults).
+const NORM: NormConstants = NormConstants {
+    eps: 1e-5,
+    momentum: 0.1,
+};
+
+/// A bias-free convolution followed by BatchNorm, optionally with cross-iteration statistics
+/// while training.
+#[derive(Debug)]
+struct ConvBn {
+    conv: nn::Conv2D,
+    stride: i64,
+    padding: i64,
+    bn: nn::BatchNorm,
+    cross_iteration: RefCell<Option<CrossIterationNorm>>,
 }
 
-fn batch_norm(vs: nn::Path<'_>, c: i64) -> nn::BatchNorm {
-    let config = nn::BatchNormConfig {
-        ws_init: nn::Init::Const(1.0),
-        ..Default::default()
-    };
-    nn::batch_norm2d(vs, c, config)
+impl ConvBn {
+    /// Variables `conv_path/weight` and `bn_path/{weight,bias,running_mean,running_var}`.
+    fn new(
+        conv_path: nn::Path<'_>,
+        bn_path: nn::Path<'_>,
+        (c_in, c_out): (i64, i64),
+        kernel: i64,
+        stride: i64,
+    ) -> Self {
+        let padding = kernel / 2;
+        let conv_config = nn::ConvConfig {
+            stride,
+            padding,
+            bias: false,
+            ..Default::default()
+        };
+        let bn_config = nn::BatchNormConfig {
+            ws_init: nn::Init::Const(1.0),
+            eps: NORM.eps,
+            momentum: NORM.momentum,
+            ..Default::default()
+        };
+        ConvBn {
+            conv: nn::conv2d(conv_path, c_in, c_out, kernel, conv_config),
+            stride,
+            padding,
+            bn: nn::batch_norm2d(bn_path, c_out, bn_config),
+            cross_iteration: RefCell::new(None),
+        }
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        let ys = xs.f_conv2d(
+            &self.conv.ws,
+            None::<&Tensor>,
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )?;
+        if train {
+            if let Some(cbn) = self.cross_iteration.borrow_mut().as_mut() {
+                return cbn.forward(&ys, &[&self.conv.ws], &self.bn);
+            }
+        }
+        ys.f_batch_norm(
+            self.bn.ws.as_ref(),
+            self.bn.bs.as_ref(),
+            Some(&self.bn.running_mean),
+            Some(&self.bn.running_var),
+            train,
+            NORM.momentum,
+            NORM.eps,
+            false,
+        )
+    }
 }
 
 /// A basic residual block: conv-BN-ReLU-conv-BN plus shortcut, then ReLU.
 #[derive(Debug)]
 struct BasicBlock {
-    conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
-    conv2: nn::Conv2D,
-    bn2: nn::BatchNorm,
-    shortcut: Option<(nn::Conv2D, nn::BatchNorm)>,
+    first: ConvBn,
+    second: ConvBn,
+    shortcut: Option<ConvBn>,
 }
 
 impl BasicBlock {
     fn new(vs: nn::Path<'_>, c_in: i64, c_out: i64, stride: i64) -> Self {
-        let shortcut = if stride != 1 || c_in != c_out {
-            let config = nn::ConvConfig {
+        let shortcut = (stride != 1 || c_in != c_out).then(|| {
+            ConvBn::new(
+                &vs / "shortcut_conv",
+                &vs / "shortcut_bn",
+                (c_in, c_out),
+                1,
                 stride,
-                bias: false,
-                ..Default::default()
-            };
-            Some((
-                nn::conv2d(&vs / "shortcut_conv", c_in, c_out, 1, config),
-                batch_norm(&vs / "shortcut_bn", c_out),
-            ))
-        } else {
-            None
-        };
+            )
+        });
         BasicBlock {
-            conv1: conv3x3(&vs / "conv1", c_in, c_out, stride),
-            bn1: batch_norm(&vs / "bn1", c_out),
-            conv2: conv3x3(&vs / "conv2", c_out, c_out, 1),
-            bn2: batch_norm(&vs / "bn2", c_out),
+            first: ConvBn::new(&vs / "conv1", &vs / "bn1", (c_in, c_out), 3, stride),
+            second: ConvBn::new(&vs / "conv2", &vs / "bn2", (c_out, c_out), 3, 1),
             shortcut,
         }
     }
-}
 
-impl ModuleT for BasicBlock {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let ys = xs
-            .apply(&self.conv1)
-            .apply_t(&self.bn1, train)
-            .relu()
-            .apply(&self.conv2)
-            .apply_t(&self.bn2, train);
+    fn units(&self) -> impl Iterator<Item = &ConvBn> {
+        [&self.first, &self.second]
+            .into_iter()
+            .chain(self.shortcut.as_ref())
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        let ys = self.first.forward_t(xs, train)?.f_relu()?;
+        let ys = self.second.forward_t(&ys, train)?;
         let skip = match &self.shortcut {
-            Some((conv, bn)) => xs.apply(conv).apply_t(bn, train),
+            Some(unit) => unit.forward_t(xs, train)?,
             None => xs.shallow_clone(),
         };
-        (ys + skip).relu()
+        ys.f_add(&skip)?.f_relu()
     }
 }
 
 /// The `resnet-small` network. Its output is L2-normalised, shape `[N, embedding_dim]`.
 #[derive(Debug)]
 pub struct ResNetSmall {
-    stem_conv: nn::Conv2D,
-    stem_bn: nn::BatchNorm,
+    stem: ConvBn,
     blocks: Vec<BasicBlock>,
     head: nn::Linear,
 }
@@ -98,8 +152,7 @@ impl ResNetSmall {
     /// `widths` (must be non-empty and positive) and `embedding_dim`.
     pub fn new(vs: &nn::Path<'_>, channels: i64, widths: &[i64], embedding_dim: i64) -> Self {
         let first = widths.first().copied().unwrap_or(DEFAULT_WIDTHS[0]);
-        let stem_conv = conv3x3(vs / "stem_conv", channels, first, 1);
-        let stem_bn = batch_norm(vs / "stem_bn", first);
+        let stem = ConvBn::new(vs / "stem_conv", vs / "stem_bn", (channels, first), 3, 1);
         let mut blocks = Vec::with_capacity(widths.len());
         let mut c_in = first;
         for (i, &w) in widths.iter().enumerate() {
@@ -108,12 +161,7 @@ impl ResNetSmall {
             c_in = w;
         }
         let head = nn::linear(vs / "head", c_in, embedding_dim, Default::default());
-        ResNetSmall {
-            stem_conv,
-            stem_bn,
-            blocks,
-            head,
-        }
+        ResNetSmall { stem, blocks, head }
     }
 
     /// Creates the network described by a builtin [`ModelSpec`].
@@ -125,24 +173,53 @@ impl ResNetSmall {
             spec.embedding_dim as i64,
         )
     }
+
+    fn units(&self) -> impl Iterator<Item = &ConvBn> {
+        std::iter::once(&self.stem).chain(self.blocks.iter().flat_map(BasicBlock::units))
+    }
+
+    /// Switches every BatchNorm to cross-iteration statistics while training (`Some`, with an
+    /// empty window) or back to plain BatchNorm (`None`).
+    pub fn set_cross_iteration(&self, settings: Option<CrossIterationSettings>) {
+        for unit in self.units() {
+            *unit.cross_iteration.borrow_mut() = settings.map(|s| CrossIterationNorm::new(s, NORM));
+        }
+    }
+
+    /// Empties every cross-iteration window and restarts burn-in (after loading weights).
+    pub fn reset_cross_iteration(&self) {
+        for unit in self.units() {
+            if let Some(cbn) = unit.cross_iteration.borrow_mut().as_mut() {
+                cbn.reset();
+            }
+        }
+    }
+
+    /// Largest number of iterations any cross-iteration layer currently holds (0 without CBN).
+    pub fn cross_iteration_records(&self) -> usize {
+        self.units()
+            .filter_map(|u| u.cross_iteration.borrow().as_ref().map(|c| c.recorded()))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Embeds `xs` (`[N, C, H, W]`): in training mode (`train`) BatchNorm uses batch or
+    /// cross-iteration statistics and updates its running averages; in evaluation mode it uses
+    /// the running averages.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        let mut ys = self.stem.forward_t(xs, train)?.f_relu()?;
+        for block in &self.blocks {
+            ys = block.forward_t(&ys, train)?;
+        }
+        let pooled = ys
+            .f_adaptive_avg_pool2d([1i64, 1].as_slice())?
+            .f_flatten(1, -1)?;
+        l2_normalize(&pooled.f_linear(&self.head.ws, self.head.bs.as_ref())?)
+    }
 }
 
 /// L2-normalises the rows of a `[N, D]` tensor (zero rows stay zero).
-pub fn l2_normalize(xs: &Tensor) -> Tensor {
-    let norm = xs.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
-    xs / norm.clamp_min(1e-12)
-}
-
-impl ModuleT for ResNetSmall {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut ys = xs
-            .apply(&self.stem_conv)
-            .apply_t(&self.stem_bn, train)
-            .relu();
-        for block in &self.blocks {
-            ys = block.forward_t(&ys, train);
-        }
-        let pooled = ys.adaptive_avg_pool2d([1i64, 1].as_slice()).flatten(1, -1);
-        l2_normalize(&pooled.apply(&self.head))
-    }
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor, TchError> {
+    let norm = xs.f_norm_scalaropt_dim(2.0, [1i64].as_slice(), true)?;
+    xs.f_div(&norm.f_clamp_min(1e-12)?)
 }

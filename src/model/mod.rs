@@ -4,11 +4,12 @@
 //! preprocessed inputs into L2-normalised vectors on the CPU.
 
 pub mod builtin;
+pub mod cross_iteration_norm;
 pub mod spec;
 
 use std::path::{Path, PathBuf};
 
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use self::builtin::ResNetSmall;
@@ -225,7 +226,7 @@ impl LoadedModel {
         let out = tch::no_grad(|| -> Result<Tensor, ModelError> {
             let xs = input.f_to_device(self.device)?.f_to_kind(Kind::Float)?;
             let ys = match &self.backend {
-                Backend::Builtin { net, .. } => net.forward_t(&xs, false),
+                Backend::Builtin { net, .. } => net.forward_t(&xs, false)?,
                 Backend::Script(module) => {
                     let ys = module.forward_ts(&[xs])?;
                     let ys = ys.f_to_kind(Kind::Float)?;
@@ -235,7 +236,7 @@ impl LoadedModel {
                             ys.size()
                         )));
                     }
-                    builtin::l2_normalize(&ys)
+                    builtin::l2_normalize(&ys)?
                 }
             };
             Ok(ys.f_to_device(Device::Cpu)?)
@@ -330,7 +331,7 @@ mod tests {
         let net = ResNetSmall::from_spec(&vs.root(), spec);
         // A training-mode forward pass updates the BN running statistics.
         let xs = Tensor::randn([6, 1, 12, 10], (Kind::Float, Device::Cpu));
-        let _ = net.forward_t(&xs, true);
+        let _ = net.forward_t(&xs, true).unwrap();
         spec.save(dir).unwrap();
         vs.save(dir.join(&spec.weights)).unwrap();
     }
@@ -363,7 +364,7 @@ mod tests {
         let net = ResNetSmall::from_spec(&vs.root(), &spec);
         vs.load(dir.path().join("model.safetensors")).unwrap();
         let xs = Tensor::from_slice(&values).view([5, 1, 12, 10]);
-        let direct = tch::no_grad(|| net.forward_t(&xs, false));
+        let direct = tch::no_grad(|| net.forward_t(&xs, false)).unwrap();
         let direct: Vec<f32> = Vec::try_from(&direct.view([-1])).unwrap();
         let flat: Vec<f32> = ea.concat();
         for (x, y) in direct.iter().zip(&flat) {

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::loss::{MultiSimilarity, PairLoss, DEFAULT_MARGIN};
-use super::offline::{MemorySettings, NormMode, Trainer};
+use super::offline::{MemorySettings, NormMode, NormSettings, Trainer};
 use super::TrainError;
 
 /// The pair loss to train with.
@@ -42,10 +42,17 @@ pub struct Objective {
     /// memory with identical gradients (0 = off; needs `--norm frozen`).
     #[arg(long, default_value_t = 0)]
     pub gradcache_chunk: usize,
-    /// BatchNorm while training: `bn` (batch statistics) or `frozen` (the model's running
-    /// statistics).
+    /// BatchNorm while training: `bn` (batch statistics), `cbn` (Cross-Iteration BatchNorm),
+    /// `naive` (cross-iteration averaging without compensation) or `frozen` (the model's
+    /// running statistics).
     #[arg(long, value_enum, default_value = "bn")]
     pub norm: NormMode,
+    /// Iterations pooled by `cbn`/`naive`, the current one included.
+    #[arg(long, default_value_t = 4)]
+    pub cbn_window: usize,
+    /// Steps of plain BatchNorm before `cbn`/`naive` start pooling.
+    #[arg(long, default_value_t = 0)]
+    pub cbn_burnin: usize,
 }
 
 impl Objective {
@@ -59,10 +66,15 @@ impl Objective {
         }
     }
 
-    /// Applies memory, GradCache and BatchNorm settings to a trainer.
+    /// Applies memory, BatchNorm and GradCache settings to a trainer.
     pub fn apply(&self, trainer: &mut Trainer) -> Result<(), TrainError> {
         trainer.set_memory(self.memory());
-        trainer.set_gradcache(self.gradcache_chunk, self.norm)
+        trainer.set_norm(NormSettings {
+            mode: self.norm,
+            window: self.cbn_window,
+            burnin: self.cbn_burnin,
+        })?;
+        trainer.set_gradcache(self.gradcache_chunk)
     }
 
     /// The XBM settings.

@@ -11,7 +11,7 @@ use std::path::Path;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::augment::Augment;
@@ -21,6 +21,7 @@ use super::sampler::PkSampler;
 use super::TrainError;
 use crate::model::builtin::{l2_normalize, ResNetSmall};
 use crate::model::check_builtin_spec;
+use crate::model::cross_iteration_norm::CrossIterationSettings;
 use crate::model::spec::{ModelFormat, ModelSpec};
 
 /// Name of the weights file written by the trainer.
@@ -96,7 +97,7 @@ impl Network {
     /// L2-normalised embeddings, in training (`train`) or evaluation mode.
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor, TrainError> {
         match self {
-            Network::Builtin(net) => Ok(net.forward_t(xs, train)),
+            Network::Builtin(net) => Ok(net.forward_t(xs, train)?),
             Network::Script(module) => {
                 let mut module = module.borrow_mut();
                 if train {
@@ -104,7 +105,7 @@ impl Network {
                 } else {
                     module.f_set_eval()?;
                 }
-                Ok(l2_normalize(&module.forward_ts(&[xs])?))
+                Ok(l2_normalize(&module.forward_ts(&[xs])?)?)
             }
         }
     }
@@ -120,7 +121,7 @@ pub struct Trainer {
     memory: Option<CrossBatchMemory>,
     memory_settings: MemorySettings,
     gradcache_chunk: usize,
-    norm: NormMode,
+    norm: NormSettings,
     steps_done: usize,
 }
 
@@ -134,9 +135,60 @@ pub enum NormMode {
     #[value(name = "bn")]
     #[serde(rename = "bn")]
     Batch,
+    /// Cross-Iteration BatchNorm: statistics of the last `window` iterations, compensated to
+    /// the current weights (builtin network only; see [`crate::model::cross_iteration_norm`]).
+    #[value(name = "cbn")]
+    #[serde(rename = "cbn")]
+    CrossIteration,
+    /// Cross-iteration averaging without compensation (the ablation of CBN).
+    Naive,
     /// The running statistics of the loaded model, not updated (affine parameters still
-    /// train). Required by GradCache; suits fine-tuning with small batches.
+    /// train). Suits GradCache and fine-tuning with small batches.
     Frozen,
+}
+
+impl NormMode {
+    /// Whether the network runs in training mode (statistics from data, not the running ones).
+    fn uses_batch_statistics(self) -> bool {
+        self != NormMode::Frozen
+    }
+}
+
+/// BatchNorm settings of a trainer: the mode and, for the cross-iteration modes, the window
+/// and burn-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormSettings {
+    /// How BatchNorm layers behave while training.
+    pub mode: NormMode,
+    /// Iterations pooled by the cross-iteration modes, the current one included.
+    pub window: usize,
+    /// Steps of plain BatchNorm before the cross-iteration modes start pooling.
+    pub burnin: usize,
+}
+
+impl NormSettings {
+    /// Plain BatchNorm.
+    pub fn batch() -> NormSettings {
+        NormSettings {
+            mode: NormMode::Batch,
+            window: 1,
+            burnin: 0,
+        }
+    }
+
+    /// The cross-iteration layer settings of this mode (`None` unless `cbn` or `naive`).
+    fn cross_iteration(&self) -> Option<CrossIterationSettings> {
+        let compensate = match self.mode {
+            NormMode::CrossIteration => true,
+            NormMode::Naive => false,
+            NormMode::Batch | NormMode::Frozen => return None,
+        };
+        Some(CrossIterationSettings {
+            window: self.window,
+            burnin: self.burnin,
+            compensate,
+        })
+    }
 }
 
 impl std::fmt::Debug for Trainer {
@@ -186,7 +238,7 @@ impl Trainer {
             memory: None,
             memory_settings: MemorySettings::off(),
             gradcache_chunk: 0,
-            norm: NormMode::Batch,
+            norm: NormSettings::batch(),
             steps_done: 0,
         })
     }
@@ -309,7 +361,7 @@ impl Trainer {
             .f_to_kind(Kind::Float)?;
         let n = inputs.size().first().copied().unwrap_or(0);
         let chunk = self.gradcache_chunk as i64;
-        let train = self.norm == NormMode::Batch;
+        let train = self.norm.mode.uses_batch_statistics();
         let (loss, emb, memory_rows) = if chunk == 0 || n <= chunk {
             let emb = self.net.forward(&inputs, train)?;
             let (loss, rows) = self.objective(&emb, labels, ids)?;
@@ -381,17 +433,52 @@ impl Trainer {
         Ok((loss, rows))
     }
 
-    /// Sets GradCache's chunk size (0 = off) and how BatchNorm layers behave while training.
-    /// GradCache needs statistics that do not depend on the chunk: it refuses `NormMode::Batch`.
-    pub fn set_gradcache(&mut self, chunk: usize, norm: NormMode) -> Result<(), TrainError> {
-        if chunk > 0 && norm == NormMode::Batch {
+    /// Sets how BatchNorm layers behave while training. The cross-iteration modes need the
+    /// builtin network and a window of at least one iteration; they start with an empty window.
+    pub fn set_norm(&mut self, norm: NormSettings) -> Result<(), TrainError> {
+        let cross_iteration = norm.cross_iteration();
+        if cross_iteration.is_some() && norm.window == 0 {
+            return Err(TrainError::Config("--cbn-window must be at least 1".into()));
+        }
+        self.check_gradcache(self.gradcache_chunk, norm.mode)?;
+        match &self.net {
+            Network::Builtin(net) => net.set_cross_iteration(cross_iteration),
+            Network::Script(_) if cross_iteration.is_some() => {
+                return Err(TrainError::Config(
+                    "cross-iteration BatchNorm needs the builtin network".into(),
+                ))
+            }
+            Network::Script(_) => {}
+        }
+        self.norm = norm;
+        Ok(())
+    }
+
+    /// Sets GradCache's chunk size (0 = off).
+    pub fn set_gradcache(&mut self, chunk: usize) -> Result<(), TrainError> {
+        self.check_gradcache(chunk, self.norm.mode)?;
+        self.gradcache_chunk = chunk;
+        Ok(())
+    }
+
+    /// GradCache needs statistics that do not depend on the chunk, and its first pass runs
+    /// without a graph: only frozen statistics qualify (batch statistics differ per chunk;
+    /// cross-iteration layers would record every chunk as an iteration).
+    fn check_gradcache(&self, chunk: usize, mode: NormMode) -> Result<(), TrainError> {
+        if chunk > 0 && mode != NormMode::Frozen {
             return Err(TrainError::Config(
                 "GradCache needs BatchNorm statistics that do not depend on the chunk: use --norm frozen".into(),
             ));
         }
-        self.gradcache_chunk = chunk;
-        self.norm = norm;
         Ok(())
+    }
+
+    /// Iterations held by the fullest cross-iteration BatchNorm window (0 without one).
+    pub fn cross_iteration_records(&self) -> usize {
+        match &self.net {
+            Network::Builtin(net) => net.cross_iteration_records(),
+            Network::Script(_) => 0,
+        }
     }
 
     /// Writes `DIR/model.toml` and `DIR/<weights>`: safetensors for the builtin network, a
@@ -801,6 +888,13 @@ mod tests {
             .collect()
     }
 
+    fn frozen() -> NormSettings {
+        NormSettings {
+            mode: NormMode::Frozen,
+            ..NormSettings::batch()
+        }
+    }
+
     fn toy_batch(data: &TrainData, n: usize) -> Batch {
         let indices: Vec<usize> = (0..n).collect();
         Batch {
@@ -822,8 +916,10 @@ mod tests {
             let mut full = Trainer::new(spec(), Device::Cpu, 1e-3, loss).unwrap();
             let mut cached = Trainer::new(spec(), Device::Cpu, 1e-3, loss).unwrap();
             cached.vs.copy(&full.vs).unwrap();
-            full.set_gradcache(0, NormMode::Frozen).unwrap();
-            cached.set_gradcache(5, NormMode::Frozen).unwrap();
+            for trainer in [&mut full, &mut cached] {
+                trainer.set_norm(frozen()).unwrap();
+            }
+            cached.set_gradcache(5).unwrap();
             let memory = MemorySettings {
                 size: 64,
                 start_step: 0,
@@ -863,8 +959,52 @@ mod tests {
         }
         let mut plain = Trainer::new(spec(), Device::Cpu, 1e-3, CONTRASTIVE).unwrap();
         assert!(
-            plain.set_gradcache(4, NormMode::Batch).is_err(),
+            plain.set_gradcache(4).is_err(),
             "GradCache refuses batch statistics"
+        );
+    }
+
+    /// Cross-iteration BatchNorm trains the builtin network (the window fills to k − 1 and
+    /// the running statistics move), and a reloaded checkpoint starts with an empty window.
+    #[test]
+    fn cross_iteration_norm_trains_and_restarts_empty_after_reload() {
+        tch::manual_seed(11);
+        let data = toy_data(6, 8);
+        let norm = NormSettings {
+            mode: NormMode::CrossIteration,
+            window: 3,
+            burnin: 2,
+        };
+        let mut trainer = Trainer::new(spec(), Device::Cpu, 1e-3, CONTRASTIVE).unwrap();
+        trainer.set_norm(norm).unwrap();
+        let running = |t: &Trainer| t.vs.variables()["stem_bn.running_mean"].copy();
+        let before = running(&trainer);
+        for round in 0..6 {
+            let mut batch = toy_batch(&data, 4);
+            batch.ids += round * 100;
+            let stats = trainer.step(&batch, 1e-3).unwrap();
+            assert!(stats.loss.is_finite());
+            assert_eq!(
+                trainer.cross_iteration_records(),
+                (round as usize + 1).min(2)
+            );
+        }
+        assert!((running(&trainer) - before).abs().max().double_value(&[]) > 0.0);
+        assert!(
+            trainer.set_gradcache(2).is_err(),
+            "GradCache refuses cross-iteration statistics"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        trainer.save(dir.path()).unwrap();
+        let mut reloaded = Trainer::from_dir(dir.path(), Device::Cpu, 1e-3, CONTRASTIVE).unwrap();
+        reloaded.set_norm(norm).unwrap();
+        assert_eq!(reloaded.cross_iteration_records(), 0);
+        trainer.set_norm(norm).unwrap();
+        assert_eq!(
+            trainer.cross_iteration_records(),
+            0,
+            "set_norm starts a new window"
         );
     }
 
