@@ -43,54 +43,12 @@ cp "$BIN" "$WORK_DIR/crossbatch"
 BIN="$WORK_DIR/crossbatch"
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 
-# --- data: rendered once, reused while the parameters match --------------------------------
-if [[ ! -d "$GLYPHS_DIR/train" || ! -d "$GLYPHS_DIR/test" ]]; then
-    echo "rendering $CLASSES glyph classes into $GLYPHS_DIR" >&2
-    font_args=()
-    [[ "$MAX_FONTS" != 0 ]] && font_args=(--max-fonts "$MAX_FONTS")
-    "$BIN" glyphs --out "$GLYPHS_DIR" --classes "$CLASSES" --size "$SIZE" \
-        --test-fraction 0.5 "${font_args[@]}" >&2
-    echo "classes=$CLASSES max_fonts=$MAX_FONTS size=$SIZE" > "$GLYPHS_DIR/params"
-elif [[ -f "$GLYPHS_DIR/params" ]] &&
-     [[ "$(cat "$GLYPHS_DIR/params")" != "classes=$CLASSES max_fonts=$MAX_FONTS size=$SIZE" ]]; then
-    echo "warning: $GLYPHS_DIR was rendered with $(cat "$GLYPHS_DIR/params"); reusing it" >&2
-fi
+source "$ROOT/scripts/bench_lib.sh"
+ensure_glyphs
 n_train_classes=$(find "$GLYPHS_DIR/train" -mindepth 1 -maxdepth 1 -type d | wc -l)
 n_test_classes=$(find "$GLYPHS_DIR/test" -mindepth 1 -maxdepth 1 -type d | wc -l)
 n_train=$(find "$GLYPHS_DIR/train" -name '*.png' | wc -l)
 n_test=$(find "$GLYPHS_DIR/test" -name '*.png' | wc -l)
-
-# --- measurement helpers ---------------------------------------------------------------------
-# run_measured RSS_FILE CMD...: runs CMD (stderr to the caller's stderr) and writes its peak
-# RSS in KB to RSS_FILE.
-run_measured() {
-    local rss_file=$1
-    shift
-    if [[ -x /usr/bin/time ]]; then
-        /usr/bin/time -f '%M' -o "$rss_file" "$@"
-    else
-        # Fallback: poll VmHWM (the kernel's high-water mark) until the process exits.
-        "$@" &
-        local pid=$! hwm=0 line
-        while kill -0 "$pid" 2>/dev/null; do
-            line=$(grep VmHWM "/proc/$pid/status" 2>/dev/null || true)
-            [[ -n "$line" ]] && hwm=$(awk '{print $2}' <<<"$line")
-            sleep 0.2
-        done
-        wait "$pid"
-        echo "$hwm" > "$rss_file"
-    fi
-}
-
-json_get() { # json_get FILE JQ_PATH
-    if command -v jq >/dev/null; then
-        jq -r "$2" "$1"
-    else
-        python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); k=sys.argv[2].lstrip(".").replace("\"","").split(".")
-for p in k: d=d[p]
-print(d)' "$1" "$2"
-    fi
-}
 
 rows=()
 started=$SECONDS
@@ -128,13 +86,7 @@ for config in $CONFIGS; do
     grep -v '^step ' "$WORK_DIR/$name.train.log" >&2 || true
     # Seconds of the training loop itself (excludes loading/preprocessing the images).
     train_s=$(sed -n 's/^trained [0-9]* steps in \([0-9.]*\) s.*/\1/p' "$WORK_DIR/$name.train.log")
-    "$BIN" eval --model "$model" --format imagefolder --json --device "$DEVICE" \
-        "$GLYPHS_DIR/test" > "$WORK_DIR/$name.eval.json" 2> "$WORK_DIR/$name.eval.log"
-    ej="$WORK_DIR/$name.eval.json"
-    read -r r1 r2 r4 r8 map < <(printf '%s %s %s %s %s\n' \
-        "$(json_get "$ej" '.recall_at."1"')" "$(json_get "$ej" '.recall_at."2"')" \
-        "$(json_get "$ej" '.recall_at."4"')" "$(json_get "$ej" '.recall_at."8"')" \
-        "$(json_get "$ej" '.map_at_r')")
+    read -r r1 r2 r4 r8 map < <(eval_glyph_test "$model" "$WORK_DIR/$name")
     rss_kb=$(tail -n 1 "$WORK_DIR/$name.rss")
     row=$(awk -v l="$label" -v b="$batch" -v s="$STEPS" -v m="$mem_rows" -v r1="$r1" -v r2="$r2" \
         -v r4="$r4" -v r8="$r8" -v map="$map" -v t="$train_s" -v rss="$rss_kb" 'BEGIN {

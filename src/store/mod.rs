@@ -20,6 +20,10 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
+mod classes;
+
+pub use classes::{ClassExample, ClassRecord};
+
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "crossbatch.db";
 
@@ -44,6 +48,19 @@ CREATE TABLE IF NOT EXISTS sequence (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO sequence (id, value) VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS classes (
+    label               TEXT PRIMARY KEY NOT NULL,
+    created_unix        INTEGER NOT NULL,
+    expected_generation INTEGER,
+    first_generation    INTEGER
+);
+CREATE TABLE IF NOT EXISTS class_examples (
+    id         TEXT PRIMARY KEY NOT NULL,
+    label      TEXT NOT NULL,
+    input      BLOB NOT NULL,
+    input_kind TEXT NOT NULL,
+    seq        INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS generations (
     version      INTEGER PRIMARY KEY NOT NULL,
     model_dir    TEXT NOT NULL,
@@ -517,11 +534,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Every labelled item with its sequence number, ordered by id (for the trainer's sampler).
+    /// Every labelled example with its sequence number, ordered by id (for the trainer's
+    /// sampler): labelled items and the non-searchable examples of uploaded classes.
     pub fn labelled_examples(&self) -> Result<Vec<LabelledExample>, StoreError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT id, label, seq FROM items WHERE label IS NOT NULL ORDER BY id")?;
+        let mut stmt = conn.prepare(
+            "SELECT id, label, seq FROM items WHERE label IS NOT NULL
+             UNION ALL SELECT id, label, seq FROM class_examples ORDER BY id",
+        )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?)))?;
         rows.map(|row| {
             let (id, label, seq): (String, String, i64) = row?;
@@ -531,17 +551,26 @@ impl Store {
         .collect()
     }
 
-    /// The inputs of those of `ids` that exist, in the order given.
+    /// The inputs of those of `ids` that exist (items or class examples), in the order given.
     pub fn inputs_of(&self, ids: &[String]) -> Result<Vec<InputRow>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn
+        let mut items = conn
             .prepare_cached("SELECT id, label, input, input_kind, seq FROM items WHERE id = ?1")?;
+        let mut examples = conn.prepare_cached(
+            "SELECT id, label, input, input_kind, seq FROM class_examples WHERE id = ?1",
+        )?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(row) = stmt
+            let row = match items
                 .query_row(params![id], |r| Ok(input_row(r)))
                 .optional()?
             {
+                Some(row) => Some(row),
+                None => examples
+                    .query_row(params![id], |r| Ok(input_row(r)))
+                    .optional()?,
+            };
+            if let Some(row) = row {
                 out.push(row?);
             }
         }

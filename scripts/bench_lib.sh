@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Shared helpers of the benchmark scripts (sourced, not run). Expects BIN, CLASSES, MAX_FONTS,
+# SIZE and GLYPHS_DIR to be set by the caller.
+
+# ensure_glyphs: renders the many-class glyph dataset into $GLYPHS_DIR once and reuses it while
+# the parameters match.
+ensure_glyphs() {
+    if [[ ! -d "$GLYPHS_DIR/train" || ! -d "$GLYPHS_DIR/test" ]]; then
+        echo "rendering $CLASSES glyph classes into $GLYPHS_DIR" >&2
+        font_args=()
+        [[ "$MAX_FONTS" != 0 ]] && font_args=(--max-fonts "$MAX_FONTS")
+        "$BIN" glyphs --out "$GLYPHS_DIR" --classes "$CLASSES" --size "$SIZE" \
+            --test-fraction 0.5 "${font_args[@]}" >&2
+        echo "classes=$CLASSES max_fonts=$MAX_FONTS size=$SIZE" > "$GLYPHS_DIR/params"
+    elif [[ -f "$GLYPHS_DIR/params" ]] &&
+         [[ "$(cat "$GLYPHS_DIR/params")" != "classes=$CLASSES max_fonts=$MAX_FONTS size=$SIZE" ]]; then
+        echo "warning: $GLYPHS_DIR was rendered with $(cat "$GLYPHS_DIR/params"); reusing it" >&2
+    fi
+}
+
+# run_measured RSS_FILE CMD...: runs CMD (stderr to the caller's stderr) and writes its peak
+# RSS in KB to RSS_FILE.
+run_measured() {
+    local rss_file=$1
+    shift
+    if [[ -x /usr/bin/time ]]; then
+        /usr/bin/time -f '%M' -o "$rss_file" "$@"
+    else
+        # Fallback: poll VmHWM (the kernel's high-water mark) until the process exits.
+        "$@" &
+        local pid=$! hwm=0 line
+        while kill -0 "$pid" 2>/dev/null; do
+            line=$(grep VmHWM "/proc/$pid/status" 2>/dev/null || true)
+            [[ -n "$line" ]] && hwm=$(awk '{print $2}' <<<"$line")
+            sleep 0.2
+        done
+        wait "$pid"
+        echo "$hwm" > "$rss_file"
+    fi
+}
+
+json_get() { # json_get FILE JQ_PATH
+    if command -v jq >/dev/null; then
+        jq -r "$2" "$1"
+    else
+        python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); k=sys.argv[2].lstrip(".").replace("\"","").split(".")
+for p in k: d=d[p]
+print(d)' "$1" "$2"
+    fi
+}
+
+
+# eval_glyph_test MODEL_DIR OUT_PREFIX: leave-one-out retrieval on $GLYPHS_DIR/test (exact kNN)
+# on $DEVICE; keeps OUT_PREFIX.eval.{json,log} and prints "R@1 R@2 R@4 R@8 MAP@R" (fractions).
+eval_glyph_test() {
+    local ej="$2.eval.json"
+    "$BIN" eval --model "$1" --format imagefolder --json --device "$DEVICE" \
+        "$GLYPHS_DIR/test" > "$ej" 2> "$2.eval.log"
+    printf '%s %s %s %s %s\n' \
+        "$(json_get "$ej" '.recall_at."1"')" "$(json_get "$ej" '.recall_at."2"')" \
+        "$(json_get "$ej" '.recall_at."4"')" "$(json_get "$ej" '.recall_at."8"')" \
+        "$(json_get "$ej" '.map_at_r')"
+}

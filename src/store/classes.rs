@@ -1,0 +1,243 @@
+//! Uploaded classes: their registration (when they arrived, which generation is expected to
+//! include them and which first did) and the examples stored for training only (not indexed).
+//!
+//! A class registered here and not yet included in a generation is *pending*: the online
+//! trainer focuses on it until it publishes a generation that has learnt it. Because the
+//! registration is in the database, that focus survives a restart.
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+
+use super::{
+    bytes_to_embedding, read_seq, to_i64, to_u64, write_seq, InputKind, Store, StoreError,
+};
+
+/// An example of an uploaded class kept for training but not searchable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassExample {
+    /// Unique id (shares the id space of items).
+    pub id: String,
+    /// Raw input bytes (see [`InputKind`]).
+    pub input: Vec<u8>,
+    /// How to interpret `input`.
+    pub input_kind: InputKind,
+}
+
+/// A class as `GET /v1/classes` lists it: every label of the store, registered or not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassRecord {
+    /// The label.
+    pub label: String,
+    /// Searchable items with this label.
+    pub indexed: u64,
+    /// Training-only examples with this label.
+    pub training_only: u64,
+    /// When the class was uploaded through `POST /v1/classes` (None: it only has items).
+    pub registered_unix: Option<u64>,
+    /// The generation expected to include it when it was uploaded.
+    pub expected_generation: Option<u64>,
+    /// The first generation published after the trainer learnt it.
+    pub first_generation: Option<u64>,
+}
+
+fn optional_u64(what: &str, v: Option<i64>) -> Result<Option<u64>, StoreError> {
+    v.map(|v| to_u64("<class>", what, v)).transpose()
+}
+
+impl Store {
+    /// Registers `label` and stores its training-only `examples` in one transaction (each
+    /// example takes the next sequence number). Registering a label again keeps its upload
+    /// time and first generation; while it is still pending, `expected_generation` replaces
+    /// the earlier expectation. Returns the last sequence number.
+    pub fn add_class(
+        &self,
+        label: &str,
+        examples: &[ClassExample],
+        expected_generation: Option<u64>,
+        now_unix: u64,
+    ) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut seq = read_seq(&tx)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO class_examples (id, label, input, input_kind, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for example in examples {
+                seq += 1;
+                stmt.execute(params![
+                    example.id,
+                    label,
+                    example.input,
+                    serde_json::to_string(&example.input_kind)?,
+                    to_i64(&example.id, "sequence", seq)?,
+                ])?;
+            }
+        }
+        let expected = expected_generation
+            .map(|v| to_i64(label, "generation", v))
+            .transpose()?;
+        tx.execute(
+            "INSERT INTO classes (label, created_unix, expected_generation, first_generation)
+             VALUES (?1, ?2, ?3, NULL)
+             ON CONFLICT(label) DO UPDATE SET expected_generation = CASE
+                 WHEN classes.first_generation IS NULL THEN excluded.expected_generation
+                 ELSE classes.expected_generation END",
+            params![label, to_i64(label, "time", now_unix)?, expected],
+        )?;
+        write_seq(&tx, seq)?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// Every label in the store (items, training-only examples, registered classes) with its
+    /// counts and generations, ordered by label.
+    pub fn classes(&self) -> Result<Vec<ClassRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "WITH labels AS (
+                 SELECT label FROM items WHERE label IS NOT NULL
+                 UNION SELECT label FROM class_examples
+                 UNION SELECT label FROM classes)
+             SELECT l.label,
+                 (SELECT COUNT(*) FROM items i WHERE i.label = l.label),
+                 (SELECT COUNT(*) FROM class_examples e WHERE e.label = l.label),
+                 c.created_unix, c.expected_generation, c.first_generation
+             FROM labels l LEFT JOIN classes c ON c.label = l.label
+             ORDER BY l.label",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (label, indexed, training_only, created, expected, first) = row?;
+            Ok(ClassRecord {
+                indexed: to_u64(&label, "count", indexed)?,
+                training_only: to_u64(&label, "count", training_only)?,
+                registered_unix: optional_u64("time", created)?,
+                expected_generation: optional_u64("generation", expected)?,
+                first_generation: optional_u64("generation", first)?,
+                label,
+            })
+        })
+        .collect()
+    }
+
+    /// Labels of registered classes that no generation includes yet, ordered by label.
+    pub fn pending_classes(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT label FROM classes WHERE first_generation IS NULL ORDER BY label")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records `version` as the first generation of those `labels` that have none yet;
+    /// returns how many it marked.
+    pub fn mark_first_generation(&self, labels: &[String], version: u64) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        let version = to_i64("<generation>", "version", version)?;
+        let mut stmt = conn.prepare_cached(
+            "UPDATE classes SET first_generation = ?2
+             WHERE label = ?1 AND first_generation IS NULL",
+        )?;
+        let mut marked = 0;
+        for label in labels {
+            marked += stmt.execute(params![label, version])?;
+        }
+        Ok(marked)
+    }
+
+    /// The registration of one class, if it was uploaded through `POST /v1/classes`.
+    pub fn first_generation(&self, label: &str) -> Result<Option<Option<u64>>, StoreError> {
+        let conn = self.conn();
+        let row: Option<Option<i64>> = conn
+            .query_row(
+                "SELECT first_generation FROM classes WHERE label = ?1",
+                params![label],
+                |r| r.get(0),
+            )
+            .optional()?;
+        row.map(|v| optional_u64("generation", v)).transpose()
+    }
+
+    /// The stored embeddings of the items labelled `label`, each with the model version that
+    /// made it (for nearest-class-mean classification).
+    pub fn label_embeddings(&self, label: &str) -> Result<Vec<(Vec<f32>, u64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT id, embedding, model_version FROM items WHERE label = ?1")?;
+        let rows = stmt.query_map(params![label], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, bytes, version) = row?;
+            Ok((
+                bytes_to_embedding(&id, &bytes)?,
+                to_u64(&id, "model_version", version)?,
+            ))
+        })
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(id: &str) -> ClassExample {
+        ClassExample {
+            id: id.into(),
+            input: id.as_bytes().to_vec(),
+            input_kind: InputKind::Image,
+        }
+    }
+
+    #[test]
+    fn classes_are_registered_listed_and_marked_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let seq = store
+                .add_class("shoe", &[example("s1"), example("s2")], Some(3), 100)
+                .unwrap();
+            assert_eq!(seq, 2);
+            store.add_class("hat", &[], Some(3), 101).unwrap();
+            assert_eq!(store.pending_classes().unwrap(), vec!["hat", "shoe"]);
+            // Training-only examples are training data and have inputs, like items.
+            let labelled = store.labelled_examples().unwrap();
+            let ids: Vec<&str> = labelled.iter().map(|e| e.id.as_str()).collect();
+            assert_eq!(ids, vec!["s1", "s2"]);
+            assert_eq!(store.inputs_of(&["s2".into()]).unwrap()[0].input, b"s2");
+            assert_eq!(store.mark_first_generation(&["shoe".into()], 4).unwrap(), 1);
+            assert_eq!(store.mark_first_generation(&["shoe".into()], 5).unwrap(), 0);
+            // Topping up an included class keeps its first generation and expectation.
+            store.add_class("shoe", &[example("s3")], Some(9), 102).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.pending_classes().unwrap(), vec!["hat"]);
+        let classes = store.classes().unwrap();
+        assert_eq!(classes.len(), 2);
+        let shoe = &classes[1];
+        assert_eq!(shoe.label, "shoe");
+        assert_eq!(shoe.training_only, 3);
+        assert_eq!(shoe.indexed, 0);
+        assert_eq!(shoe.registered_unix, Some(100));
+        assert_eq!(shoe.expected_generation, Some(3));
+        assert_eq!(shoe.first_generation, Some(4));
+        assert_eq!(store.first_generation("shoe").unwrap(), Some(Some(4)));
+        assert_eq!(store.first_generation("hat").unwrap(), Some(None));
+        assert_eq!(store.first_generation("cat").unwrap(), None);
+        assert_eq!(store.last_seq().unwrap(), 3);
+    }
+}
