@@ -7,6 +7,7 @@
 //! and is driven by the [`cli`].
 
 pub mod api;
+pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod data;

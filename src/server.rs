@@ -236,6 +236,7 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
         info,
         embedder,
         index,
+        head: Generation::load_head(&model_dir),
     });
     Ok(())
 }

@@ -56,6 +56,11 @@ pub fn router(state: AppState) -> Router {
             get(handlers::get_item).delete(handlers::delete_item),
         )
         .route("/v1/search", post(handlers::search))
+        .route(
+            "/v1/classes",
+            get(handlers::list_classes).post(handlers::create_class),
+        )
+        .route("/v1/classify", post(handlers::classify))
         .route("/v1/trainer", get(handlers::trainer_status))
         .route("/v1/trainer/pause", post(handlers::trainer_pause))
         .route("/v1/trainer/resume", post(handlers::trainer_resume))

@@ -121,6 +121,7 @@ impl Registry {
             info,
             embedder,
             index,
+            head: Generation::load_head(model_dir),
         });
         {
             let mut writes = self.lock_writes();

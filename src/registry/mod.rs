@@ -24,6 +24,7 @@ use arc_swap::ArcSwapOption;
 pub use builder::{BuildContext, BuildError, BuildProgress, SwapReport};
 pub use publisher::{LastBuild, Publisher};
 
+use crate::classify::HeadSnapshot;
 use crate::embed::preprocess::values_from_raw;
 use crate::embed::{EmbedError, Embedder, ModelInfo};
 use crate::index::{IndexError, VectorIndex};
@@ -39,6 +40,22 @@ pub struct Generation {
     pub embedder: Embedder,
     /// The gallery embedded by this model.
     pub index: Arc<VectorIndex>,
+    /// The class head published with the model, if the trainer learnt classes.
+    pub head: Option<Arc<HeadSnapshot>>,
+}
+
+impl Generation {
+    /// Reads the class head of the generation whose model lives in `model_dir`; a head that
+    /// cannot be read is logged and left out (classification then falls back to class means).
+    pub fn load_head(model_dir: &std::path::Path) -> Option<Arc<HeadSnapshot>> {
+        match HeadSnapshot::load(model_dir) {
+            Ok(head) => head.map(Arc::new),
+            Err(e) => {
+                tracing::warn!("ignoring the class head: {e}");
+                None
+            }
+        }
+    }
 }
 
 /// A generation being built beside the live one.

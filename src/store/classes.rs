@@ -140,7 +140,11 @@ impl Store {
 
     /// Records `version` as the first generation of those `labels` that have none yet;
     /// returns how many it marked.
-    pub fn mark_first_generation(&self, labels: &[String], version: u64) -> Result<usize, StoreError> {
+    pub fn mark_first_generation(
+        &self,
+        labels: &[String],
+        version: u64,
+    ) -> Result<usize, StoreError> {
         let conn = self.conn();
         let version = to_i64("<generation>", "version", version)?;
         let mut stmt = conn.prepare_cached(
@@ -171,8 +175,8 @@ impl Store {
     /// made it (for nearest-class-mean classification).
     pub fn label_embeddings(&self, label: &str) -> Result<Vec<(Vec<f32>, u64)>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached("SELECT id, embedding, model_version FROM items WHERE label = ?1")?;
+        let mut stmt =
+            conn.prepare_cached("SELECT id, embedding, model_version FROM items WHERE label = ?1")?;
         let rows = stmt.query_map(params![label], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -222,7 +226,9 @@ mod tests {
             assert_eq!(store.mark_first_generation(&["shoe".into()], 4).unwrap(), 1);
             assert_eq!(store.mark_first_generation(&["shoe".into()], 5).unwrap(), 0);
             // Topping up an included class keeps its first generation and expectation.
-            store.add_class("shoe", &[example("s3")], Some(9), 102).unwrap();
+            store
+                .add_class("shoe", &[example("s3")], Some(9), 102)
+                .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.pending_classes().unwrap(), vec!["hat"]);

@@ -78,12 +78,37 @@ pub struct TrainerStatus {
     pub message: Option<String>,
 }
 
+/// The replay memory's occupancy as `GET /v1/classes` reports it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayStatus {
+    /// The byte budget (0 when replay is off).
+    pub budget_bytes: usize,
+    /// Bytes stored.
+    pub used_bytes: usize,
+    /// Exemplars and bytes per label.
+    pub classes: HashMap<String, ReplayShare>,
+}
+
+/// One class's part of the replay memory.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ReplayShare {
+    /// Exemplars kept.
+    pub exemplars: usize,
+    /// Bytes they take.
+    pub bytes: usize,
+}
+
 #[derive(Debug)]
 struct Control {
     stopped: bool,
     finished: bool,
     paused: bool,
     publish_requested: bool,
+    /// New classes were uploaded since the trainer last read the store.
+    classes_changed: bool,
+    /// Highest generation version the trainer has taken (published or about to be).
+    reserved_version: u64,
+    replay: ReplayStatus,
     status: TrainerStatus,
 }
 
@@ -141,6 +166,36 @@ impl TrainerHandle {
         self.lock().publish_requested = true;
         self.shared.1.notify_all();
     }
+
+    /// The version of the generation that will first include a class uploaded now: the next
+    /// version after every generation recorded or being published. The trainer holds back
+    /// its periodic publishes until it has learnt the pending classes, so the next
+    /// generation it publishes is that one (unless a publish is forced through the API).
+    pub fn expect_class(&self, store: &Store) -> Result<u64, crate::store::StoreError> {
+        let recorded = store.generations()?.last().map_or(0, |g| g.version);
+        let control = self.lock();
+        Ok(recorded.max(control.reserved_version) + 1)
+    }
+
+    /// Takes the version of the next generation to publish (see [`TrainerHandle::expect_class`]).
+    fn reserve_version(&self, store: &Store, live: u64) -> Result<u64, crate::store::StoreError> {
+        let recorded = store.generations()?.last().map_or(0, |g| g.version);
+        let mut control = self.lock();
+        let version = recorded.max(live).max(control.reserved_version) + 1;
+        control.reserved_version = version;
+        Ok(version)
+    }
+
+    /// Tells the trainer that classes were uploaded: it re-reads the store before its next step.
+    pub fn classes_changed(&self) {
+        self.lock().classes_changed = true;
+        self.shared.1.notify_all();
+    }
+
+    /// The replay memory's occupancy.
+    pub fn replay_status(&self) -> ReplayStatus {
+        self.lock().replay.clone()
+    }
 }
 
 /// What the trainer thread needs.
@@ -168,6 +223,9 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
                 finished: false,
                 paused: context.config.start_paused,
                 publish_requested: false,
+                classes_changed: false,
+                reserved_version: 0,
+                replay: ReplayStatus::default(),
                 status: TrainerStatus {
                     state: TrainerState::Starting,
                     step: 0,
@@ -391,7 +449,7 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
         return;
     }
     handle.lock().publish_requested = false;
-    match publish(context, session) {
+    match publish(context, handle, session) {
         Ok((version, drift)) => {
             session.published.push(version);
             if let Some(drift) = drift {
@@ -405,11 +463,14 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
     }
 }
 
-fn publish(context: &OnlineContext, session: &mut Session) -> anyhow::Result<(u64, Option<f64>)> {
+fn publish(
+    context: &OnlineContext,
+    handle: &TrainerHandle,
+    session: &mut Session,
+) -> anyhow::Result<(u64, Option<f64>)> {
     let store = &context.store;
-    let recorded = store.generations()?.last().map_or(0, |g| g.version);
     let live = context.publisher.registry().live().map_or(0, |g| g.version);
-    let version = recorded.max(live) + 1;
+    let version = handle.reserve_version(store, live)?;
     let dir = context
         .data_dir
         .join("generations")

@@ -1,11 +1,13 @@
 //! Request handlers, one file per resource.
 
+mod classes;
 mod embed;
 mod items;
 mod models;
 mod search;
 mod system;
 
+pub use classes::{classify, create_class, list_classes};
 pub use embed::embed;
 pub use items::{delete_item, get_item, upsert_items};
 pub use models::{

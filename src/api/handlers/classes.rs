@@ -1,0 +1,298 @@
+//! `POST /v1/classes` (upload a class with examples), `GET /v1/classes` (list classes) and
+//! `POST /v1/classify` (label probabilities for inputs).
+use std::collections::{HashMap, HashSet};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{blocking, check_input_count, live_generation};
+use crate::api::body::JsonBody;
+use crate::api::error::ApiError;
+use crate::api::input::{prepare_all, InputPayload};
+use crate::api::AppState;
+use crate::classify::{class_mean, predict, Prediction};
+use crate::store::{ClassExample, NewItem};
+
+/// Longest accepted class label, in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
+
+/// Number of predictions per input when the request gives no `k`.
+const DEFAULT_K: usize = 5;
+
+/// Logit scale of nearest-class-mean candidates when no head gives one.
+const FALLBACK_SCALE: f32 = 16.0;
+
+/// Request body of `POST /v1/classes`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewClassRequest {
+    label: String,
+    examples: Vec<InputPayload>,
+    /// Also make the examples searchable items (default true).
+    index: Option<bool>,
+}
+
+/// Response of `POST /v1/classes`.
+#[derive(Serialize)]
+pub struct NewClassResponse {
+    label: String,
+    stored: usize,
+    indexed: bool,
+    /// The generation expected to be the first that includes the class (None without a
+    /// trainer).
+    first_generation: Option<u64>,
+}
+
+fn check_label(label: &str) -> Result<(), ApiError> {
+    if label.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "invalid_label",
+            "label must not be empty",
+        ));
+    }
+    if label.len() > MAX_LABEL_BYTES {
+        return Err(ApiError::invalid(
+            "invalid_label",
+            format!(
+                "label is {} bytes; the limit is {MAX_LABEL_BYTES}",
+                label.len()
+            ),
+        ));
+    }
+    if label.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "invalid_label",
+            "label must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A fresh example id: the label and a random suffix (ids of items and class examples share
+/// one space).
+fn example_id(label: &str) -> String {
+    format!("{label}#{:016x}", rand::random::<u64>())
+}
+
+/// Stores a class's examples durably (as searchable items when `index`, else as training-only
+/// examples), registers the class and tells the trainer; answers once all of it is durable.
+pub async fn create_class(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<NewClassRequest>,
+) -> Result<Json<NewClassResponse>, ApiError> {
+    check_label(&request.label)?;
+    check_input_count(&state, request.examples.len(), "examples")?;
+    let generation = live_generation(&state)?;
+    let payloads = request
+        .examples
+        .into_iter()
+        .enumerate()
+        .map(|(i, example)| (example, format!("examples[{i}]")))
+        .collect();
+    let prepared = prepare_all(payloads, generation.info.spec.input.clone()).await?;
+    let stored = prepared.len();
+    let label = request.label;
+    let index = request.index.unwrap_or(true);
+    let embeddings = if index {
+        let values = prepared.iter().map(|p| p.values.clone()).collect();
+        Some(generation.embedder.embed(values).await?)
+    } else {
+        None
+    };
+    let store = state.store.clone();
+    let registry = state.registry.clone();
+    let trainer = state.trainer.clone();
+    let metrics = state.metrics.clone();
+    let response_label = label.clone();
+    let first_generation = blocking(move || {
+        let expected = trainer
+            .as_ref()
+            .map(|t| t.expect_class(&store))
+            .transpose()
+            .map_err(ApiError::internal)?;
+        let now = crate::server::unix_now();
+        match embeddings {
+            Some(embeddings) => {
+                let items: Vec<NewItem> = prepared
+                    .into_iter()
+                    .zip(embeddings)
+                    .map(|(p, embedding)| NewItem {
+                        id: example_id(&label),
+                        label: Some(label.clone()),
+                        metadata: json!({ "class_upload": true }),
+                        input: p.raw,
+                        input_kind: p.kind,
+                        embedding,
+                        model_version: generation.version,
+                    })
+                    .collect();
+                registry.write_items(&store, &generation, items)?;
+                if let Some(live) = registry.live() {
+                    metrics.index_items.set(live.index.len() as i64);
+                }
+                store
+                    .add_class(&label, &[], expected, now)
+                    .map_err(ApiError::internal)?;
+            }
+            None => {
+                let examples: Vec<ClassExample> = prepared
+                    .into_iter()
+                    .map(|p| ClassExample {
+                        id: example_id(&label),
+                        input: p.raw,
+                        input_kind: p.kind,
+                    })
+                    .collect();
+                store
+                    .add_class(&label, &examples, expected, now)
+                    .map_err(ApiError::internal)?;
+            }
+        }
+        if let Some(trainer) = &trainer {
+            trainer.classes_changed();
+        }
+        Ok(expected)
+    })
+    .await?;
+    Ok(Json(NewClassResponse {
+        label: response_label,
+        stored,
+        indexed: index,
+        first_generation,
+    }))
+}
+
+/// Every class with its example counts, replay-memory share and generations.
+pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let store = state.store.clone();
+    let records = blocking(move || store.classes().map_err(ApiError::internal)).await?;
+    let replay = state
+        .trainer
+        .as_ref()
+        .map(|t| t.replay_status())
+        .unwrap_or_default();
+    let head_labels: HashSet<String> = state
+        .registry
+        .live()
+        .and_then(|g| g.head.as_ref().map(|h| h.labels.iter().cloned().collect()))
+        .unwrap_or_default();
+    let classes: Vec<Value> = records
+        .into_iter()
+        .map(|r| {
+            let share = replay.classes.get(&r.label);
+            json!({
+                "label": r.label,
+                "examples": r.indexed + r.training_only,
+                "indexed": r.indexed,
+                "training_only": r.training_only,
+                "replay_exemplars": share.map_or(0, |s| s.exemplars),
+                "replay_bytes": share.map_or(0, |s| s.bytes),
+                "replay_share": share.map_or(0.0, |s| {
+                    s.bytes as f64 / replay.budget_bytes.max(1) as f64
+                }),
+                "in_head": head_labels.contains(&r.label),
+                "registered_unix": r.registered_unix,
+                "expected_generation": r.expected_generation,
+                "first_generation": r.first_generation,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "classes": classes,
+        "replay": { "budget_bytes": replay.budget_bytes, "used_bytes": replay.used_bytes },
+    })))
+}
+
+/// Request body of `POST /v1/classify`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    inputs: Vec<InputPayload>,
+    k: Option<usize>,
+}
+
+/// Response of `POST /v1/classify`.
+#[derive(Serialize)]
+pub struct ClassifyResponse {
+    model_version: u64,
+    predictions: Vec<Vec<Prediction>>,
+}
+
+/// Label probabilities for each input from the live generation's class head, with labels the
+/// head has not learnt yet scored by the normalised mean of their indexed items.
+pub async fn classify(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<ClassifyRequest>,
+) -> Result<Json<ClassifyResponse>, ApiError> {
+    check_input_count(&state, request.inputs.len(), "inputs")?;
+    let k = request.k.unwrap_or(DEFAULT_K);
+    let max_k = state.config.search.max_k;
+    if k == 0 || k > max_k {
+        return Err(ApiError::invalid(
+            "invalid_k",
+            format!("k must be between 1 and {max_k}, got {k}"),
+        ));
+    }
+    let generation = live_generation(&state)?;
+    let payloads = request
+        .inputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, input)| (input, format!("inputs[{i}]")))
+        .collect();
+    let prepared = prepare_all(payloads, generation.info.spec.input.clone()).await?;
+    let embeddings = generation
+        .embedder
+        .embed(prepared.into_iter().map(|p| p.values).collect())
+        .await?;
+    let store = state.store.clone();
+    let version = generation.version;
+    let predictions = blocking(move || {
+        let head = generation.head.as_deref();
+        let known: HashSet<&str> = head
+            .map(|h| h.labels.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        // Labels the head lacks: the normalised mean of their items embedded by this model.
+        let mut means: HashMap<String, Vec<f32>> = HashMap::new();
+        for record in store.classes().map_err(ApiError::internal)? {
+            if known.contains(record.label.as_str()) || record.indexed == 0 {
+                continue;
+            }
+            let rows = store
+                .label_embeddings(&record.label)
+                .map_err(ApiError::internal)?;
+            let current = rows
+                .iter()
+                .filter(|(_, v)| *v == version)
+                .map(|(e, _)| e.as_slice());
+            if let Some(mean) = class_mean(current) {
+                means.insert(record.label, mean);
+            }
+        }
+        let scale = head.map_or(FALLBACK_SCALE, |h| h.scale);
+        let candidates: Vec<(&str, &[f32])> = head
+            .into_iter()
+            .flat_map(|h| h.classes())
+            .chain(means.iter().map(|(l, m)| (l.as_str(), m.as_slice())))
+            .collect();
+        if candidates.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "no_classes",
+                "no class is known yet: upload labelled items or POST /v1/classes",
+            ));
+        }
+        Ok(embeddings
+            .iter()
+            .map(|e| predict(e, candidates.iter().copied(), scale, k))
+            .collect())
+    })
+    .await?;
+    Ok(Json(ClassifyResponse {
+        model_version: version,
+        predictions,
+    }))
+}
