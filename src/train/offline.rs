@@ -59,6 +59,12 @@ pub struct StepStats {
     pub memory_rows: usize,
 }
 
+/// An additional loss term on a batch's `(embeddings, labels)`, see [`Trainer::step_with`].
+pub type ExtraLossFn<'a> = dyn FnMut(&Tensor, &Tensor) -> Result<Tensor, TrainError> + 'a;
+
+/// A borrowed [`ExtraLossFn`].
+pub type ExtraLoss<'a> = &'a mut ExtraLossFn<'a>;
+
 /// XBM settings of a trainer (see [`super::memory`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemorySettings {
@@ -291,6 +297,17 @@ impl Trainer {
         self.vs.device()
     }
 
+    /// Copies of every variable of the network, by name (for checks and snapshots).
+    pub fn variables(&self) -> Result<std::collections::HashMap<String, Tensor>, TrainError> {
+        tch::no_grad(|| {
+            self.vs
+                .variables()
+                .into_iter()
+                .map(|(name, t)| Ok((name, t.f_detach_copy()?)))
+                .collect()
+        })
+    }
+
     /// Steps taken so far.
     pub fn steps_done(&self) -> usize {
         self.steps_done
@@ -314,10 +331,22 @@ impl Trainer {
     /// batch is enqueued. With GradCache on and a batch larger than a chunk, the same
     /// gradients are computed chunk by chunk ([`Trainer::set_gradcache`]).
     pub fn step(&mut self, batch: &Batch, lr: f64) -> Result<StepStats, TrainError> {
+        self.step_with(batch, lr, None)
+    }
+
+    /// [`Trainer::step`] with `extra(embeddings, labels)` added to the loss (e.g. a class
+    /// head's cross-entropy): its gradients reach the network and whatever else it depends on;
+    /// stepping those other parameters is the caller's business.
+    pub fn step_with(
+        &mut self,
+        batch: &Batch,
+        lr: f64,
+        extra: Option<ExtraLoss<'_>>,
+    ) -> Result<StepStats, TrainError> {
         let device = self.device();
         let labels = batch.labels.f_to_device(device)?;
         let ids = batch.ids.f_to_device(device)?;
-        let (loss, emb, memory_rows) = self.compute_gradients(batch, &labels, &ids)?;
+        let (loss, emb, memory_rows) = self.compute_gradients(batch, &labels, &ids, extra)?;
         let margin = self.loss.negative_margin();
         let stats = pair_stats(
             PairSide::new(&emb, &labels, &ids),
@@ -353,6 +382,7 @@ impl Trainer {
         batch: &Batch,
         labels: &Tensor,
         ids: &Tensor,
+        mut extra: Option<ExtraLoss<'_>>,
     ) -> Result<(f64, Tensor, usize), TrainError> {
         self.opt.zero_grad();
         let inputs = batch
@@ -364,7 +394,7 @@ impl Trainer {
         let train = self.norm.mode.uses_batch_statistics();
         let (loss, emb, memory_rows) = if chunk == 0 || n <= chunk {
             let emb = self.net.forward(&inputs, train)?;
-            let (loss, rows) = self.objective(&emb, labels, ids)?;
+            let (loss, rows) = self.objective(&emb, labels, ids, extra.as_deref_mut())?;
             loss.f_backward()?;
             (loss, emb.f_detach()?, rows)
         } else {
@@ -383,7 +413,7 @@ impl Trainer {
             })?
             .f_detach()?
             .set_requires_grad(true);
-            let (loss, rows) = self.objective(&reps, labels, ids)?;
+            let (loss, rows) = self.objective(&reps, labels, ids, extra.as_deref_mut())?;
             loss.f_backward()?;
             let cached = reps.grad();
             let mut offset = 0;
@@ -413,9 +443,13 @@ impl Trainer {
         emb: &Tensor,
         labels: &Tensor,
         ids: &Tensor,
+        extra: Option<&mut ExtraLossFn<'_>>,
     ) -> Result<(Tensor, usize), TrainError> {
         let batch = PairSide::new(emb, labels, ids);
         let mut loss = self.loss.compute(batch, batch)?;
+        if let Some(extra) = extra {
+            loss += extra(emb, labels)?;
+        }
         let settings = self.memory_settings;
         let Some(memory) = self
             .memory
@@ -933,8 +967,8 @@ mod tests {
                 let batch = toy_batch(&data, 24);
                 let labels = batch.labels.shallow_clone();
                 let ids = batch.ids.shallow_clone() + round * 100;
-                let (a, _, rows_a) = full.compute_gradients(&batch, &labels, &ids).unwrap();
-                let (b, _, rows_b) = cached.compute_gradients(&batch, &labels, &ids).unwrap();
+                let (a, _, rows_a) = full.compute_gradients(&batch, &labels, &ids, None).unwrap();
+                let (b, _, rows_b) = cached.compute_gradients(&batch, &labels, &ids, None).unwrap();
                 assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
                 assert_eq!(rows_a, rows_b);
                 assert_eq!(rows_a, if round == 0 { 0 } else { 24 });
