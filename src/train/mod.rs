@@ -8,6 +8,7 @@ pub mod memory;
 pub mod objective;
 pub mod offline;
 pub mod online;
+pub mod pool;
 pub mod replay;
 pub mod sampler;
 

@@ -1,0 +1,152 @@
+//! The online trainer's view of the store: the labelled examples it samples from, their
+//! decoded inputs (cached by id and sequence number) and a P×K sampler over them.
+use std::collections::{HashMap, HashSet};
+
+use tch::Tensor;
+
+use super::offline::Trainer;
+use super::sampler::PkSampler;
+use super::TrainError;
+use crate::config::TrainerConfig;
+use crate::embed::preprocess::values_from_raw;
+use crate::model::spec::InputSpec;
+use crate::store::Store;
+
+/// A fixed set of labelled inputs embedded by each published generation to measure drift.
+pub struct Probe {
+    /// The inputs `[N, C, H, W]`.
+    pub inputs: Tensor,
+    /// Their embeddings by the last published generation.
+    pub last: Tensor,
+}
+
+/// A batch gathered from the pool.
+pub struct PoolBatch {
+    /// `B × C × H × W` preprocessed values.
+    pub values: Vec<f32>,
+    /// Stable class number per example.
+    pub labels: Vec<i64>,
+    /// Stable numeric id per example.
+    pub ids: Vec<i64>,
+}
+
+/// The labelled examples the trainer samples from, with decoded inputs cached by id.
+#[derive(Default)]
+pub struct ExamplePool {
+    /// `(id, label, seq)` of the current examples.
+    pub examples: Vec<(String, String, u64)>,
+    /// Stable numeric class per label (new labels get new numbers; never reused).
+    pub class_of: HashMap<String, i64>,
+    /// Stable numeric id per item id, for masking self-pairs in the memory.
+    pub numeric_id: HashMap<String, i64>,
+    /// Decoded inputs by id, with the seq they were read at.
+    pub cache: HashMap<String, (u64, Vec<f32>)>,
+    pub sampler: Option<PkSampler>,
+    pub trainable_labels: usize,
+}
+
+impl ExamplePool {
+    /// Re-reads the labelled examples and rebuilds the sampler over labels with ≥ 2 examples.
+    pub fn refresh(
+        &mut self,
+        store: &Store,
+        config: &TrainerConfig,
+        seed: u64,
+    ) -> Result<(), crate::store::StoreError> {
+        let examples = store.labelled_examples()?;
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for e in &examples {
+            *count.entry(e.label.as_str()).or_default() += 1;
+        }
+        let eligible: Vec<_> = examples
+            .iter()
+            .filter(|e| count[e.label.as_str()] >= 2)
+            .map(|e| (e.id.clone(), e.label.clone(), e.seq))
+            .collect();
+        let current: HashSet<&str> = eligible.iter().map(|e| e.0.as_str()).collect();
+        self.cache.retain(|id, _| current.contains(id.as_str()));
+        for (id, label, _) in &eligible {
+            let next = self.class_of.len() as i64;
+            self.class_of.entry(label.clone()).or_insert(next);
+            let next = self.numeric_id.len() as i64;
+            self.numeric_id.entry(id.clone()).or_insert(next);
+        }
+        self.trainable_labels = count.values().filter(|c| **c >= 2).count();
+        let classes: Vec<usize> = eligible
+            .iter()
+            .map(|e| self.class_of[&e.1] as usize)
+            .collect();
+        self.examples = eligible;
+        let p = config.classes_per_batch.min(self.trainable_labels);
+        self.sampler = if self.trainable_labels >= 2 {
+            PkSampler::new(&classes, p, config.per_class.max(1), seed).ok()
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Inputs, labels and numeric ids of the examples at `indices`.
+    pub fn batch(
+        &mut self,
+        store: &Store,
+        indices: &[usize],
+        input: &InputSpec,
+    ) -> Result<PoolBatch, TrainError> {
+        let wanted: Vec<&(String, String, u64)> = indices
+            .iter()
+            .filter_map(|&i| self.examples.get(i))
+            .collect();
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|(id, _, seq)| self.cache.get(id).is_none_or(|(cached, _)| cached != seq))
+            .map(|(id, _, _)| id.clone())
+            .collect();
+        if !missing.is_empty() {
+            let rows = store
+                .inputs_of(&missing)
+                .map_err(|e| TrainError::Config(e.to_string()))?;
+            for row in rows {
+                let values = values_from_raw(&row.input, &row.input_kind, input)
+                    .map_err(|e| TrainError::Config(format!("item {}: {e}", row.id)))?;
+                self.cache.insert(row.id, (row.seq, values));
+            }
+        }
+        let mut values = Vec::with_capacity(wanted.len() * input.numel());
+        let (mut labels, mut ids) = (Vec::new(), Vec::new());
+        for (id, label, _) in wanted {
+            // An item deleted since the refresh is simply left out of this batch.
+            let Some((_, v)) = self.cache.get(id) else {
+                continue;
+            };
+            values.extend_from_slice(v);
+            labels.push(self.class_of[label]);
+            ids.push(self.numeric_id[id]);
+        }
+        Ok(PoolBatch {
+            values,
+            labels,
+            ids,
+        })
+    }
+
+    /// The drift probe: the first `size` examples, embedded by the current weights.
+    pub fn probe(
+        &mut self,
+        store: &Store,
+        trainer: &Trainer,
+        size: usize,
+    ) -> Result<Option<Probe>, TrainError> {
+        let count = size.min(self.examples.len());
+        if count == 0 {
+            return Ok(None);
+        }
+        let input = trainer.spec().input.clone();
+        let indices: Vec<usize> = (0..count).collect();
+        let PoolBatch { values, labels, .. } = self.batch(store, &indices, &input)?;
+        let [c, h, w] = input.shape().map(|d| d as i64);
+        let inputs = Tensor::f_from_slice(&values)?.f_view([labels.len() as i64, c, h, w])?;
+        let last = trainer.embed_eval(&inputs)?;
+        Ok(Some(Probe { inputs, last }))
+    }
+}
