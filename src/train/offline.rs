@@ -968,7 +968,9 @@ mod tests {
                 let labels = batch.labels.shallow_clone();
                 let ids = batch.ids.shallow_clone() + round * 100;
                 let (a, _, rows_a) = full.compute_gradients(&batch, &labels, &ids, None).unwrap();
-                let (b, _, rows_b) = cached.compute_gradients(&batch, &labels, &ids, None).unwrap();
+                let (b, _, rows_b) = cached
+                    .compute_gradients(&batch, &labels, &ids, None)
+                    .unwrap();
                 assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
                 assert_eq!(rows_a, rows_b);
                 assert_eq!(rows_a, if round == 0 { 0 } else { 24 });
