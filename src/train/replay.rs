@@ -436,8 +436,13 @@ impl ReplayMemory {
 
     /// Registers class `label` with exemplars chosen among `candidates`, or tops it up when it
     /// exists (its exemplars are kept, and herding continues from them). Candidates whose id
-    /// the class already stores are skipped. Then quotas and budget are enforced on all
-    /// classes (module docs). On error the memory is unchanged.
+    /// the class already stores are skipped.
+    ///
+    /// Candidates are encoded one at a time in selection order while the class holds fewer
+    /// than its quota, the capacity being re-derived from the observed mean size after each
+    /// (the first candidate of an empty memory is always encoded, to observe a size). Then
+    /// the budget rule of the module docs is applied to all classes. On error the memory is
+    /// unchanged.
     pub fn add_class(
         &mut self,
         label: &str,
@@ -1186,14 +1191,45 @@ mod tests {
         assert!(memory.len() < total);
         let shares = memory.classes();
         let allowed: usize = shares.iter().zip(COUNTS).map(|(s, g)| s.quota.min(g)).sum();
-        eprintln!(
-            "{shares:?}: {} bytes, {} of {allowed} allowed",
-            memory.bytes_used(),
-            memory.len()
-        );
         assert!(memory.len() + shares.len() >= allowed);
         let last = memory.classes().iter().map(|s| s.quota).max().unwrap();
         assert!(last < first_quota.unwrap(), "{last} vs {first_quota:?}");
+    }
+
+    #[test]
+    fn over_budget_trims_the_tail_of_the_largest_class() {
+        let spec = gray_spec(16);
+        let mut memory = ReplayMemory::new(config(1_000_000), spec.clone()).unwrap();
+        for (c, given) in [(0, 20), (1, 20), (2, 6)] {
+            let label = format!("class{c}");
+            memory
+                .add_class(&label, &candidates(&label, given, &spec, c))
+                .unwrap();
+        }
+        let before: Vec<Vec<Exemplar>> = (0..3)
+            .map(|c| memory.exemplars(&format!("class{c}")).to_vec())
+            .collect();
+        // Quotas do not bind (same capacity); only step 3 of the rule removes exemplars.
+        let shared = memory.codec().shared_bytes();
+        let budget = shared + (memory.bytes_used() - shared) * 2 / 3;
+        memory.config.budget_bytes = budget;
+        memory.rebalance(memory.capacity);
+        assert!(memory.bytes_used() <= budget);
+        let counts: Vec<usize> = memory.classes().iter().map(|s| s.exemplars).collect();
+        assert!(counts[0].abs_diff(counts[1]) <= 1, "{counts:?}");
+        assert!(counts[0] < 20 && counts[1] < 20, "{counts:?}");
+        assert_eq!(
+            counts[2], 6,
+            "the small class is not the largest: {counts:?}"
+        );
+        for (c, old) in before.iter().enumerate() {
+            let now = memory.exemplars(&format!("class{c}"));
+            assert_eq!(now, &old[..now.len()]);
+        }
+        // Trimming stopped as soon as the budget was met.
+        let last = if counts[0] > counts[1] { 1 } else { 0 };
+        let restored = &before[last][counts[last]];
+        assert!(memory.bytes_used() + restored.bytes.len() > budget);
     }
 
     #[test]
@@ -1328,9 +1364,12 @@ mod tests {
         assert_eq!(sorted, all_ids);
     }
 
+    /// Images grouped by class label.
+    type Groups = Vec<(String, Vec<Vec<f32>>)>;
+
     /// Fashion-MNIST test images when installed, else smooth synthetic images, grouped by
     /// class: `(spec, label → normalised values)`.
-    fn realistic_images(per_class: usize) -> (InputSpec, Vec<(String, Vec<Vec<f32>>)>) {
+    fn realistic_images(per_class: usize) -> (InputSpec, Groups) {
         let images = Path::new(FASHION).join("t10k-images-idx3-ubyte.gz");
         let labels = Path::new(FASHION).join("t10k-labels-idx1-ubyte.gz");
         let spec = InputSpec {
@@ -1340,7 +1379,7 @@ mod tests {
             mean: vec![0.2860],
             std: vec![0.3530],
         };
-        let mut groups: Vec<(String, Vec<Vec<f32>>)> = Vec::new();
+        let mut groups: Groups = Vec::new();
         if images.exists() && labels.exists() {
             let data = crate::data::load_idx(&images, &labels, Some(20 * per_class)).unwrap();
             for sample in &data.samples {
