@@ -763,11 +763,21 @@ impl ReplayMemory {
             b64.decode(s)
                 .map_err(|e| invalid(format!("bad base64: {e}")))
         };
+        let floats = |s: &str, width: usize| {
+            let raw = bytes(s)?;
+            if raw.len() % width != 0 {
+                return Err(invalid(format!(
+                    "{} bytes are not a whole number of {width}-byte floats",
+                    raw.len()
+                )));
+            }
+            Ok(raw)
+        };
         for class in saved.classes {
             if memory.classes.iter().any(|s| s.label == class.label) {
                 return Err(invalid(format!("class {:?} appears twice", class.label)));
             }
-            let mean_sum: Vec<f64> = bytes(&class.mean_sum)?
+            let mean_sum: Vec<f64> = floats(&class.mean_sum, 8)?
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
                 .collect();
@@ -781,7 +791,7 @@ impl ReplayMemory {
                 bytes: 0,
             };
             for e in class.exemplars {
-                let embedding: Vec<f32> = bytes(&e.embedding)?
+                let embedding: Vec<f32> = floats(&e.embedding, 4)?
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
