@@ -61,6 +61,8 @@ pub struct TrainerConfig {
     pub flip: bool,
     /// Loss and XBM memory.
     pub objective: crate::train::objective::Objective,
+    /// How uploaded classes are learnt (class head, replay, LEO).
+    pub classes: crate::train::incremental::ClassLearningConfig,
 }
 
 /// `[server]` settings.

@@ -2,6 +2,8 @@
 
 pub mod augment;
 pub mod class_head;
+pub mod focus;
+pub mod incremental;
 pub mod leo;
 pub mod loss;
 pub mod memory;

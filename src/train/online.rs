@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
-use tch::{Device, Tensor};
+use tch::Device;
 
 use super::augment::Augment;
-use super::offline::{Batch, Trainer};
-use super::pool::{ExamplePool, PoolBatch, Probe};
-use super::sampler::PkSampler;
+use super::offline::Trainer;
+use super::focus::ClassFocus;
+use super::incremental::FlatBatch;
+use super::pool::{ExamplePool, Probe};
 use super::TrainError;
+use crate::classify::HeadSnapshot;
 use crate::config::TrainerConfig;
 use crate::metrics::Metrics;
 use crate::registry::Publisher;
@@ -73,6 +75,8 @@ pub struct TrainerStatus {
     pub examples: usize,
     /// Labels with at least two examples.
     pub trainable_labels: usize,
+    /// Uploaded classes being learnt (no generation includes them yet).
+    pub pending_classes: Vec<String>,
     /// Why the trainer cannot run, when it cannot.
     pub message: Option<String>,
 }
@@ -237,6 +241,7 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
                     last_published: None,
                     examples: 0,
                     trainable_labels: 0,
+                    pending_classes: Vec::new(),
                     message: None,
                 },
             }),
@@ -257,6 +262,7 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
 /// The trainer's weights plus what it knows about where they came from.
 struct Session {
     trainer: Trainer,
+    classes: ClassFocus,
     base: u64,
     published: Vec<u64>,
     probe: Option<Probe>,
@@ -302,22 +308,41 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             wait(handle);
             continue;
         }
-        if current.steps % REFRESH_EVERY_STEPS == 0 || pool.sampler.is_none() {
-            if let Err(e) = pool.refresh(&context.store, &context.config, rng_seed(&mut rng)) {
+        let changed = std::mem::take(&mut handle.lock().classes_changed);
+        if changed || current.steps % REFRESH_EVERY_STEPS == 0 || pool.sampler.is_none() {
+            if let Err(e) = refresh(&context, current, &mut pool, &mut rng) {
                 tracing::warn!("trainer cannot read examples: {e}");
             }
             let mut control = handle.lock();
             control.status.examples = pool.examples.len();
             control.status.trainable_labels = pool.trainable_labels;
+            control.status.pending_classes = current.classes.pending_labels();
+            control.replay = current.classes.replay_status();
         }
-        let Some(batch_ids) = pool.sampler.as_mut().map(PkSampler::next_batch) else {
-            set_state(handle, TrainerState::Idle, None);
-            wait(handle);
-            continue;
+        let next = current.classes.next_batch(
+            &mut pool,
+            &context.store,
+            context.config.classes_per_batch,
+            context.config.per_class,
+            &mut rng,
+        );
+        let batch = match next {
+            Ok(Some(batch)) if !batch.is_empty() => batch,
+            Ok(_) => {
+                set_state(handle, TrainerState::Idle, None);
+                wait(handle);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("trainer cannot assemble a batch: {e}");
+                pool.sampler = None;
+                std::thread::sleep(IDLE_WAIT);
+                continue;
+            }
         };
         let started = Instant::now();
-        match train_step(&context, current, &mut pool, &batch_ids, &mut rng) {
-            Ok(loss) => {
+        match train_step(&context, current, &mut pool, &batch, &mut rng) {
+            Ok((loss, learnt)) => {
                 current.steps += 1;
                 current.last_loss = Some(loss);
                 let seconds = started.elapsed().as_secs_f64();
@@ -345,8 +370,16 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                     control.status.memory_fill = fill;
                     control.status.steps_per_second = rate;
                 }
-                if current.steps % context.config.publish_every.max(1) == 0 {
+                // Periodic publishes wait while uploaded classes are being learnt, so the
+                // generation expected to include them is the next one published.
+                let periodic = current.steps % context.config.publish_every.max(1) == 0;
+                if learnt || (periodic && !current.classes.focusing()) {
                     handle.lock().publish_requested = true;
+                }
+                if learnt {
+                    let mut control = handle.lock();
+                    control.status.pending_classes = current.classes.pending_labels();
+                    control.replay = current.classes.replay_status();
                 }
                 maybe_publish(&context, handle, current);
                 let duty = context.config.duty_cycle.clamp(0.01, 1.0);
@@ -396,9 +429,19 @@ fn start_session(context: &OnlineContext, version: u64) -> Result<Session, Strin
     objective
         .apply(&mut trainer)
         .map_err(|e| format!("trainer settings: {e}"))?;
+    let mut classes = ClassFocus::new(&context.config.classes, &trainer)
+        .map_err(|e| format!("class learning settings: {e}"))?;
+    match HeadSnapshot::load(&record.model_dir) {
+        Ok(Some(head)) => classes
+            .restore(&head)
+            .map_err(|e| format!("generation {version}'s class head: {e}"))?,
+        Ok(None) => {}
+        Err(e) => tracing::warn!("starting with an empty class head: {e}"),
+    }
     tracing::info!(version, "online trainer starts from generation");
     Ok(Session {
         trainer,
+        classes,
         base: version,
         published: Vec::new(),
         probe: None,
@@ -407,32 +450,39 @@ fn start_session(context: &OnlineContext, version: u64) -> Result<Session, Strin
     })
 }
 
+/// One step on `batch` (see [`ClassFocus::step`]); returns the loss and whether a set of
+/// uploaded classes was just learnt.
 fn train_step(
     context: &OnlineContext,
     session: &mut Session,
     pool: &mut ExamplePool,
-    batch: &[usize],
+    batch: &FlatBatch,
     rng: &mut StdRng,
-) -> Result<f64, TrainError> {
+) -> Result<(f64, bool), TrainError> {
     let input = session.trainer.spec().input.clone();
-    let PoolBatch {
-        values,
-        labels,
-        ids,
-    } = pool.batch(&context.store, batch, &input)?;
-    let shape = input.shape();
     let augment = Augment::for_input(&input, context.config.max_shift, context.config.flip);
-    let augmented = augment.apply(&values, shape, rng)?;
-    let [c, h, w] = shape.map(|d| d as i64);
-    let batch = Batch {
-        inputs: Tensor::f_from_slice(&augmented)?.f_view([labels.len() as i64, c, h, w])?,
-        labels: Tensor::f_from_slice(&labels)?,
-        ids: Tensor::f_from_slice(&ids)?,
-    };
     if session.probe.is_none() {
         session.probe = pool.probe(&context.store, &session.trainer, context.config.probe_size)?;
     }
-    Ok(session.trainer.step(&batch, context.config.lr)?.loss)
+    let (stats, learnt) =
+        session
+            .classes
+            .step(&mut session.trainer, batch, &augment, context.config.lr, rng)?;
+    Ok((stats.loss, learnt))
+}
+
+/// Re-reads the store: the sampler's pool, the pending classes and the labels to remember.
+fn refresh(
+    context: &OnlineContext,
+    session: &mut Session,
+    pool: &mut ExamplePool,
+    rng: &mut StdRng,
+) -> Result<(), TrainError> {
+    pool.refresh(&context.store, &context.config, rng_seed(rng))
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+    session
+        .classes
+        .refresh(&session.trainer, pool, &context.store)
 }
 
 /// Publishes a generation if one was requested, the trainer has taken steps since its base,
@@ -490,13 +540,15 @@ fn publish(
         "drift": drift,
         "objective": context.config.objective,
     });
-    write_checkpoint(&session.trainer, &dir, &details)?;
+    write_checkpoint(session, &dir, &details)?;
     store.record_generation(&GenerationRecord {
         version,
         model_dir: dir.clone(),
         created_unix: crate::server::unix_now(),
         details,
     })?;
+    let learnt = session.classes.take_learnt();
+    store.mark_first_generation(&learnt, version)?;
     context.publisher.start(version, dir)?;
     tracing::info!(
         version,
@@ -510,10 +562,11 @@ fn publish(
 /// Training metrics written beside a checkpoint's weights.
 pub const CHECKPOINT_METRICS: &str = "metrics.json";
 
-/// Writes the checkpoint (weights, model.toml, metrics.json) to a temporary directory, syncs it and renames it into place, so a
-/// crash never leaves a half-written generation behind.
+/// Writes the checkpoint (weights, model.toml, class head, metrics.json) to a temporary
+/// directory, syncs it and renames it into place, so a crash never leaves a half-written
+/// generation behind.
 fn write_checkpoint(
-    trainer: &Trainer,
+    session: &Session,
     dir: &Path,
     details: &serde_json::Value,
 ) -> anyhow::Result<()> {
@@ -521,7 +574,8 @@ fn write_checkpoint(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
-    trainer.save(&tmp)?;
+    session.trainer.save(&tmp)?;
+    session.classes.snapshot()?.save(&tmp)?;
     std::fs::write(
         tmp.join(CHECKPOINT_METRICS),
         serde_json::to_vec_pretty(details)?,

@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use tch::Tensor;
 
+use super::incremental::{ClassExamples, FlatBatch};
 use super::offline::Trainer;
 use super::sampler::PkSampler;
 use super::TrainError;
@@ -18,16 +19,6 @@ pub struct Probe {
     pub inputs: Tensor,
     /// Their embeddings by the last published generation.
     pub last: Tensor,
-}
-
-/// A batch gathered from the pool.
-pub struct PoolBatch {
-    /// `B × C × H × W` preprocessed values.
-    pub values: Vec<f32>,
-    /// Stable class number per example.
-    pub labels: Vec<i64>,
-    /// Stable numeric id per example.
-    pub ids: Vec<i64>,
 }
 
 /// The labelled examples the trainer samples from, with decoded inputs cached by id.
@@ -86,13 +77,15 @@ impl ExamplePool {
         Ok(())
     }
 
-    /// Inputs, labels and numeric ids of the examples at `indices`.
-    pub fn batch(
+    /// Appends the examples at `indices` (inputs, labels, numeric ids) to `out`; examples
+    /// deleted since the last refresh are left out.
+    pub fn push_batch(
         &mut self,
         store: &Store,
         indices: &[usize],
         input: &InputSpec,
-    ) -> Result<PoolBatch, TrainError> {
+        out: &mut FlatBatch,
+    ) -> Result<(), TrainError> {
         let wanted: Vec<&(String, String, u64)> = indices
             .iter()
             .filter_map(|&i| self.examples.get(i))
@@ -112,21 +105,41 @@ impl ExamplePool {
                 self.cache.insert(row.id, (row.seq, values));
             }
         }
-        let mut values = Vec::with_capacity(wanted.len() * input.numel());
-        let (mut labels, mut ids) = (Vec::new(), Vec::new());
         for (id, label, _) in wanted {
-            // An item deleted since the refresh is simply left out of this batch.
-            let Some((_, v)) = self.cache.get(id) else {
-                continue;
-            };
-            values.extend_from_slice(v);
-            labels.push(self.class_of[label]);
-            ids.push(self.numeric_id[id]);
+            if let Some((_, v)) = self.cache.get(id) {
+                out.push(v, label, self.numeric_id[id]);
+            }
         }
-        Ok(PoolBatch {
-            values,
-            labels,
+        Ok(())
+    }
+
+    /// Up to `limit` examples of `label`, preprocessed.
+    pub fn class_examples(
+        &mut self,
+        store: &Store,
+        label: &str,
+        limit: usize,
+        input: &InputSpec,
+    ) -> Result<ClassExamples, TrainError> {
+        let indices: Vec<usize> = (0..self.examples.len())
+            .filter(|&i| self.examples[i].1 == label)
+            .take(limit)
+            .collect();
+        let mut batch = FlatBatch::default();
+        self.push_batch(store, &indices, input, &mut batch)?;
+        let ids = indices
+            .iter()
+            .filter(|&&i| self.cache.contains_key(&self.examples[i].0))
+            .map(|&i| self.examples[i].0.clone())
+            .collect();
+        Ok(ClassExamples {
+            label: label.to_owned(),
             ids,
+            values: batch
+                .values
+                .chunks_exact(input.numel().max(1))
+                .map(<[f32]>::to_vec)
+                .collect(),
         })
     }
 
@@ -143,9 +156,11 @@ impl ExamplePool {
         }
         let input = trainer.spec().input.clone();
         let indices: Vec<usize> = (0..count).collect();
-        let PoolBatch { values, labels, .. } = self.batch(store, &indices, &input)?;
+        let mut batch = FlatBatch::default();
+        self.push_batch(store, &indices, &input, &mut batch)?;
         let [c, h, w] = input.shape().map(|d| d as i64);
-        let inputs = Tensor::f_from_slice(&values)?.f_view([labels.len() as i64, c, h, w])?;
+        let inputs =
+            Tensor::f_from_slice(&batch.values)?.f_view([batch.len() as i64, c, h, w])?;
         let last = trainer.embed_eval(&inputs)?;
         Ok(Some(Probe { inputs, last }))
     }

@@ -1,0 +1,280 @@
+//! How the online trainer learns uploaded classes.
+//!
+//! A class uploaded through `POST /v1/classes` is *pending* until a generation includes it
+//! (the registration is durable, see [`crate::store::ClassRecord`]). While classes are pending
+//! every batch is made of them — up to P pending classes × K of their examples, each with its
+//! low-fidelity twin when duplets are on — plus `replay_per_batch` exemplars of old classes from
+//! the replay memory (or, without replay, a P×K batch of the store's other labelled examples).
+//! After `focus_steps` such steps the classes are offered to the replay memory, the classifier
+//! is adapted, LEO is meta-trained, and the trainer publishes: that generation is the first to
+//! include them. Without pending classes the trainer samples P×K batches from the whole store
+//! as before; the class head trains jointly in both cases.
+use std::collections::{BTreeMap, HashSet};
+
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use super::augment::Augment;
+use super::incremental::{ClassExamples, ClassLearner, ClassLearningConfig, FlatBatch};
+use super::offline::{StepStats, Trainer};
+use super::online::{ReplayShare, ReplayStatus};
+use super::pool::ExamplePool;
+use super::sampler::PkSampler;
+use super::TrainError;
+use crate::classify::HeadSnapshot;
+use crate::embed::preprocess::values_from_raw;
+use crate::model::spec::InputSpec;
+use crate::store::Store;
+
+/// Numeric ids of focus examples start here (above the pool's sequential ids).
+const FOCUS_ID_BASE: i64 = 1 << 39;
+/// Added to an example's numeric id for its low-fidelity twin.
+const TWIN_ID_OFFSET: i64 = 1 << 40;
+/// Numeric ids of replayed exemplars start here.
+const REPLAY_ID_BASE: i64 = 1 << 41;
+/// Examples per class numbered apart in the focus id space.
+const IDS_PER_CLASS: i64 = 1 << 20;
+
+/// A pending class: its examples and the focus steps it has had.
+struct Pending {
+    examples: ClassExamples,
+    steps: usize,
+}
+
+/// The class head, replay memory and pending classes of the online trainer.
+pub struct ClassFocus {
+    learner: ClassLearner,
+    input: InputSpec,
+    focus_steps: usize,
+    pending: BTreeMap<String, Pending>,
+    /// Classes learnt since the last publish (marked in the store when it happens).
+    learnt: Vec<String>,
+    replay_counter: i64,
+}
+
+impl ClassFocus {
+    /// A focus with an empty head for `trainer`'s network.
+    pub fn new(config: &ClassLearningConfig, trainer: &Trainer) -> Result<Self, TrainError> {
+        let spec = trainer.spec();
+        let learner = ClassLearner::new(
+            config.clone(),
+            spec.input.clone(),
+            spec.embedding_dim as i64,
+            trainer.device(),
+        )?;
+        Ok(ClassFocus {
+            learner,
+            input: spec.input.clone(),
+            focus_steps: config.focus_steps.max(1),
+            pending: BTreeMap::new(),
+            learnt: Vec::new(),
+            replay_counter: 0,
+        })
+    }
+
+    /// Restores the head published with the generation the trainer starts from.
+    pub fn restore(&mut self, snapshot: &HeadSnapshot) -> Result<(), TrainError> {
+        self.learner.restore_head(snapshot)
+    }
+
+    /// Reads the pending classes and their examples from the store, gives every label of the
+    /// store a proxy, and puts labels that are not pending into the replay memory.
+    pub fn refresh(
+        &mut self,
+        trainer: &Trainer,
+        pool: &mut ExamplePool,
+        store: &Store,
+    ) -> Result<(), TrainError> {
+        let pending: Vec<String> = store.pending_classes().map_err(store_error)?;
+        let pending_set: HashSet<&str> = pending.iter().map(String::as_str).collect();
+        self.pending.retain(|label, _| pending_set.contains(label.as_str()));
+        let examples = store.labelled_examples().map_err(store_error)?;
+        for label in &pending {
+            let ids: Vec<String> = examples
+                .iter()
+                .filter(|e| &e.label == label)
+                .map(|e| e.id.clone())
+                .collect();
+            let known = self.pending.get(label).map_or(0, |p| p.examples.ids.len());
+            if ids.is_empty() || ids.len() == known {
+                continue;
+            }
+            let class = read_class(store, label, &ids, &self.input)?;
+            let steps = self.pending.get(label).map_or(0, |p| p.steps);
+            self.learner.add_classes(trainer, std::slice::from_ref(&class))?;
+            self.pending.insert(label.clone(), Pending { examples: class, steps });
+        }
+        // Every other label: a proxy in the head and exemplars in the replay memory.
+        let labels: Vec<String> = pool
+            .examples
+            .iter()
+            .map(|e| e.1.clone())
+            .filter(|l| !pending_set.contains(l.as_str()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let candidates = self.learner.config().replay_candidates.max(1);
+        for label in labels {
+            let in_replay = self
+                .learner
+                .replay()
+                .is_some_and(|r| !r.exemplars(&label).is_empty());
+            if self.learner.knows(&label) && (in_replay || self.learner.replay().is_none()) {
+                continue;
+            }
+            let class = pool.class_examples(store, &label, candidates, &self.input)?;
+            self.learner.add_classes(trainer, std::slice::from_ref(&class))?;
+            self.learner.remember(trainer, &class)?;
+        }
+        Ok(())
+    }
+
+    /// Whether classes are pending.
+    pub fn focusing(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Labels of the pending classes.
+    pub fn pending_labels(&self) -> Vec<String> {
+        self.pending.keys().cloned().collect()
+    }
+
+    /// The next batch: pending classes with replay while focusing, else a P×K batch of the
+    /// pool (`None` when the pool cannot make one).
+    pub fn next_batch(
+        &mut self,
+        pool: &mut ExamplePool,
+        store: &Store,
+        p: usize,
+        k: usize,
+        rng: &mut StdRng,
+    ) -> Result<Option<FlatBatch>, TrainError> {
+        let mut batch = FlatBatch::default();
+        if self.pending.is_empty() {
+            let Some(indices) = pool.sampler.as_mut().map(PkSampler::next_batch) else {
+                return Ok(None);
+            };
+            pool.push_batch(store, &indices, &self.input, &mut batch)?;
+            return Ok(Some(batch));
+        }
+        for (slot, (label, pending)) in self.pending.iter().take(p.max(1)).enumerate() {
+            let class = &pending.examples;
+            let picks: Vec<(&[f32], i64)> = (0..k.max(2))
+                .map(|_| {
+                    let i = rng.gen_range(0..class.values.len());
+                    let id = FOCUS_ID_BASE + slot as i64 * IDS_PER_CLASS + i as i64;
+                    (class.values[i].as_slice(), id)
+                })
+                .collect();
+            self.learner
+                .push_examples(&mut batch, label, &picks, TWIN_ID_OFFSET)?;
+        }
+        let replay = self.learner.config().replay_per_batch;
+        if self.learner.replay().is_some_and(|r| !r.is_empty()) {
+            self.learner.push_replay(
+                &mut batch,
+                replay,
+                REPLAY_ID_BASE + self.replay_counter,
+                rng,
+            )?;
+            self.replay_counter += replay as i64;
+        } else if let Some(indices) = pool.sampler.as_mut().map(PkSampler::next_batch) {
+            pool.push_batch(store, &indices, &self.input, &mut batch)?;
+        }
+        Ok(Some(batch))
+    }
+
+    /// One step on `batch`; while focusing, counts it for every pending class and, once they
+    /// all had `focus_steps`, remembers them, adapts the classifier and meta-trains LEO.
+    /// Returns the step's statistics and whether a set of classes was just learnt (the
+    /// trainer then publishes).
+    pub fn step(
+        &mut self,
+        trainer: &mut Trainer,
+        batch: &FlatBatch,
+        augment: &Augment,
+        lr: f64,
+        rng: &mut StdRng,
+    ) -> Result<(StepStats, bool), TrainError> {
+        let stats = self.learner.step(trainer, batch, augment, lr, rng)?;
+        let mut learnt_now = false;
+        if !self.pending.is_empty() {
+            for pending in self.pending.values_mut() {
+                pending.steps += 1;
+            }
+            if self.pending.values().all(|p| p.steps >= self.focus_steps) {
+                let done = std::mem::take(&mut self.pending);
+                let classes: Vec<ClassExamples> = done.into_values().map(|p| p.examples).collect();
+                for class in &classes {
+                    self.learner.remember(trainer, class)?;
+                }
+                self.learner.adapt(trainer, &classes, rng)?;
+                self.learner.meta_train(trainer, rng)?;
+                self.learnt.extend(classes.into_iter().map(|c| c.label));
+                learnt_now = true;
+            }
+        }
+        if self.learner.adaptation_due() {
+            self.learner.adapt(trainer, &[], rng)?;
+        }
+        Ok((stats, learnt_now))
+    }
+
+    /// Classes learnt since the last call (to be marked as included by the next generation).
+    pub fn take_learnt(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.learnt)
+    }
+
+    /// The head as published with a generation.
+    pub fn snapshot(&self) -> Result<HeadSnapshot, TrainError> {
+        self.learner.snapshot()
+    }
+
+    /// The replay memory's occupancy.
+    pub fn replay_status(&self) -> ReplayStatus {
+        let Some(replay) = self.learner.replay() else {
+            return ReplayStatus::default();
+        };
+        ReplayStatus {
+            budget_bytes: replay.config().budget_bytes,
+            used_bytes: replay.bytes_used(),
+            classes: replay
+                .classes()
+                .into_iter()
+                .map(|s| {
+                    let share = ReplayShare {
+                        exemplars: s.exemplars,
+                        bytes: s.bytes,
+                    };
+                    (s.label, share)
+                })
+                .collect(),
+        }
+    }
+}
+
+fn store_error(e: crate::store::StoreError) -> TrainError {
+    TrainError::Config(format!("store: {e}"))
+}
+
+/// Reads and preprocesses the examples `ids` of `label` from the store.
+fn read_class(
+    store: &Store,
+    label: &str,
+    ids: &[String],
+    input: &InputSpec,
+) -> Result<ClassExamples, TrainError> {
+    let rows = store.inputs_of(ids).map_err(store_error)?;
+    let mut class = ClassExamples {
+        label: label.to_owned(),
+        ids: Vec::with_capacity(rows.len()),
+        values: Vec::with_capacity(rows.len()),
+    };
+    for row in rows {
+        let values = values_from_raw(&row.input, &row.input_kind, input)
+            .map_err(|e| TrainError::Config(format!("example {}: {e}", row.id)))?;
+        class.ids.push(row.id);
+        class.values.push(values);
+    }
+    Ok(class)
+}

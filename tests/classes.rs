@@ -1,0 +1,248 @@
+//! Uploading a new class end to end, on the real server with the shipped default model: a
+//! Hangul glyph class the model has never seen is uploaded through `POST /v1/classes`; within
+//! the configured focus steps the trainer learns it and publishes the generation the upload
+//! response named; that class's Recall@1 rises while the old classes' Recall@1 drops by no
+//! more than [`MAX_OLD_CLASS_DROP`]. Also `GET /v1/classes`, `POST /v1/classify` and bad input.
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::{fashion_images, upsert_images, Server, TestImage};
+use crossbatch::data::glyphs::{self, DEBIAN_HANGUL_FONT_DIRS};
+use serde_json::{json, Value};
+
+/// Largest allowed fall of the old classes' Recall@1 after learning the new class.
+const MAX_OLD_CLASS_DROP: f64 = 0.10;
+/// Trainer steps spent on the uploaded class before it is published.
+const FOCUS_STEPS: &str = "60";
+
+/// Starts paused, so every measurement before the upload sees the base generation.
+const CLASS_TRAINER: [(&str, &str); 9] = [
+    ("CROSSBATCH__TRAINER__ENABLED", "true"),
+    ("CROSSBATCH__TRAINER__START_PAUSED", "true"),
+    ("CROSSBATCH__TRAINER__PUBLISH_EVERY", "100000"),
+    ("CROSSBATCH__TRAINER__DUTY_CYCLE", "1.0"),
+    ("CROSSBATCH__TRAINER__LR", "0.001"),
+    ("CROSSBATCH__TRAINER__REEMBED_RATE", "0"),
+    ("CROSSBATCH__TRAINER__OBJECTIVE__MEMORY_SIZE", "512"),
+    ("CROSSBATCH__TRAINER__OBJECTIVE__MEMORY_START", "0"),
+    ("CROSSBATCH__TRAINER__CLASSES__FOCUS_STEPS", FOCUS_STEPS),
+];
+
+/// Renders `ch` in every Debian Korean font as 28×28 base64 PNGs.
+fn glyph_images(ch: char) -> Vec<String> {
+    let dirs: Vec<PathBuf> = DEBIAN_HANGUL_FONT_DIRS.iter().map(PathBuf::from).collect();
+    let fonts = glyphs::discover_fonts(&dirs).expect("Korean fonts (run scripts/setup.sh)");
+    fonts
+        .iter()
+        .filter(|p| {
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            !glyphs::BROKEN_FONTS.contains(&stem)
+        })
+        .filter_map(|p| glyphs::load_font(p).ok())
+        .filter_map(|font| glyphs::render(&font, ch, 28))
+        .map(|image| {
+            let mut png = std::io::Cursor::new(Vec::new());
+            image
+                .write_to(&mut png, image::ImageFormat::Png)
+                .expect("png");
+            base64::engine::general_purpose::STANDARD.encode(png.into_inner())
+        })
+        .collect()
+}
+
+/// Fraction of `queries` (image, label) whose nearest gallery item has their label.
+fn recall_at_1(server: &Server, queries: &[(String, String)]) -> f64 {
+    let mut hits = 0;
+    for chunk in queries.chunks(32) {
+        let inputs: Vec<Value> = chunk.iter().map(|(png, _)| json!({ "image": png })).collect();
+        let (status, body) = server.post("/v1/search", &json!({ "queries": inputs, "k": 1 }));
+        assert_eq!(status, 200, "{body}");
+        for ((_, label), result) in chunk.iter().zip(body["results"].as_array().unwrap()) {
+            if result[0]["label"].as_str() == Some(label.as_str()) {
+                hits += 1;
+            }
+        }
+    }
+    hits as f64 / queries.len() as f64
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn upload(server: &Server, label: &str, images: &[String], index: bool) -> (u16, Value) {
+    let examples: Vec<Value> = images.iter().map(|png| json!({ "image": png })).collect();
+    server.post(
+        "/v1/classes",
+        &json!({ "label": label, "examples": examples, "index": index }),
+    )
+}
+
+fn classes_by_label(server: &Server) -> HashMap<String, Value> {
+    let (status, body) = server.get("/v1/classes");
+    assert_eq!(status, 200, "{body}");
+    body["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["label"].as_str().unwrap().to_owned(), c.clone()))
+        .collect()
+}
+
+#[test]
+fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &CLASS_TRAINER);
+
+    // Old classes: 10 Fashion-MNIST classes plus four glyph classes (the confusers).
+    let fashion = fashion_images(500);
+    upsert_images(&server, "f", &fashion[..300]);
+    let old_queries: Vec<(String, String)> = fashion[300..]
+        .iter()
+        .map(|TestImage { png, label }| (png.clone(), label.clone()))
+        .collect();
+    for (i, ch) in ['가', '나', '다', '라'].into_iter().enumerate() {
+        let images = glyph_images(ch);
+        assert!(images.len() >= 30, "only {} fonts render {ch}", images.len());
+        let label = format!("glyph-{i}");
+        let (status, body) = upload(&server, &label, &images[..15], true);
+        assert_eq!(status, 200, "{body}");
+    }
+    // The new class: 15 examples uploaded, the rest held out as queries.
+    let new_images = glyph_images('마');
+    let new_queries: Vec<(String, String)> = new_images[15..]
+        .iter()
+        .map(|png| (png.clone(), "new-glyph".to_owned()))
+        .collect();
+
+    let old_before = recall_at_1(&server, &old_queries);
+    let (status, body) = upload(&server, "new-glyph", &new_images[..15], true);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stored"], 15);
+    let first_generation = body["first_generation"].as_u64().expect("first_generation");
+    let new_before = recall_at_1(&server, &new_queries);
+    let listed = classes_by_label(&server);
+    assert_eq!(listed["new-glyph"]["examples"], 15);
+    assert_eq!(listed["new-glyph"]["first_generation"], Value::Null);
+    assert_eq!(listed["new-glyph"]["expected_generation"], first_generation);
+    assert_eq!(listed["3"]["indexed"], 30);
+
+    // Before the head has learnt it, classification falls back to class means.
+    let (status, body) = server.post(
+        "/v1/classify",
+        &json!({ "inputs": [{ "image": new_queries[0].0 }], "k": 3 }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["predictions"][0].as_array().unwrap().len(), 3);
+
+    let (status, _) = server.post("/v1/trainer/resume", &json!({}));
+    assert_eq!(status, 200);
+    wait_for("the generation that includes the class", Duration::from_secs(600), || {
+        server.get("/v1/info").1["model_version"].as_u64() >= Some(first_generation)
+    });
+    let (_, trainer) = server.get("/v1/trainer");
+    assert!(
+        trainer["step"].as_u64().unwrap() <= FOCUS_STEPS.parse::<u64>().unwrap() + 5,
+        "published within the focus steps: {trainer}"
+    );
+    let new_after = recall_at_1(&server, &new_queries);
+    let old_after = recall_at_1(&server, &old_queries);
+    eprintln!(
+        "new class R@1 {new_before:.3} → {new_after:.3}; old classes {old_before:.3} → {old_after:.3}"
+    );
+    assert!(new_after > new_before, "new class R@1 {new_before} → {new_after}");
+    assert!(
+        old_after >= old_before - MAX_OLD_CLASS_DROP,
+        "old classes R@1 {old_before} → {old_after}"
+    );
+
+    let listed = classes_by_label(&server);
+    assert_eq!(listed["new-glyph"]["first_generation"], first_generation);
+    assert_eq!(listed["new-glyph"]["in_head"], true);
+    let (_, all) = server.get("/v1/classes");
+    let used = all["replay"]["used_bytes"].as_u64().unwrap();
+    assert!(used > 0 && used <= all["replay"]["budget_bytes"].as_u64().unwrap());
+    assert!(listed["3"]["replay_exemplars"].as_u64().unwrap() > 0);
+
+    // The head classifies held-out glyphs of the new class.
+    let inputs: Vec<Value> = new_queries.iter().map(|(png, _)| json!({ "image": png })).collect();
+    let (status, body) = server.post("/v1/classify", &json!({ "inputs": inputs, "k": 2 }));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model_version"].as_u64(), Some(first_generation));
+    let predictions = body["predictions"].as_array().unwrap();
+    let correct = predictions
+        .iter()
+        .filter(|p| p[0]["label"] == "new-glyph")
+        .count();
+    assert!(
+        correct * 2 > predictions.len(),
+        "head accuracy on the new class {correct}/{}",
+        predictions.len()
+    );
+    for p in predictions {
+        let probabilities: Vec<f64> = p
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["probability"].as_f64().unwrap())
+            .collect();
+        assert!(probabilities[0] >= probabilities[1] && probabilities[0] <= 1.0);
+    }
+    server.kill();
+}
+
+#[test]
+fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let image = fashion_images(1)[0].png.clone();
+
+    // Nothing is known yet: classification has no candidates.
+    let (status, body) = server.post("/v1/classify", &json!({ "inputs": [{ "image": image }] }));
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("no_classes")));
+
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({ "label": "", "examples": [{ "image": image }] }), 422, "invalid_label"),
+        (json!({ "label": "x\u{7}", "examples": [{ "image": image }] }), 422, "invalid_label"),
+        (json!({ "label": "a".repeat(300), "examples": [{ "image": image }] }), 422, "invalid_label"),
+        (json!({ "label": "x", "examples": [] }), 400, "empty_request"),
+        (json!({ "label": "x", "examples": [{ "image": "bm90IGFuIGltYWdl" }] }), 422, "invalid_image"),
+        (json!({ "label": "x", "examples": [{ "image": image }], "colour": 1 }), 400, "invalid_json"),
+        (json!({ "examples": [{ "image": image }] }), 400, "invalid_json"),
+    ];
+    for (body, status, code) in cases {
+        let (got, response) = server.post("/v1/classes", &body);
+        assert_eq!(got, status, "{body} → {response}");
+        assert_eq!(response["error"]["code"], code, "{response}");
+    }
+    let (_, listed) = server.get("/v1/classes");
+    assert_eq!(listed["classes"], json!([]), "refused uploads stored nothing");
+
+    // A training-only upload is stored and listed but not searchable.
+    let (status, body) = upload(&server, "shirt", &[image.clone(), image.clone()], false);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["first_generation"], Value::Null, "no trainer, no generation");
+    let listed = classes_by_label(&server);
+    assert_eq!(listed["shirt"]["training_only"], 2);
+    assert_eq!(listed["shirt"]["indexed"], 0);
+    assert_eq!(server.item_count(), 0);
+
+    for (body, status, code) in [
+        (json!({ "inputs": [{ "image": image }], "k": 0 }), 422, "invalid_k"),
+        (json!({ "inputs": [] }), 400, "empty_request"),
+        (json!({ "inputs": [{ "image": "%%" }] }), 400, "invalid_base64"),
+    ] {
+        let (got, response) = server.post("/v1/classify", &body);
+        assert_eq!(got, status, "{body} → {response}");
+        assert_eq!(response["error"]["code"], code, "{response}");
+    }
+    server.kill();
+}
