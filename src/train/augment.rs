@@ -39,21 +39,47 @@ impl Augment {
         shape: [usize; 3],
         rng: &mut R,
     ) -> Result<Vec<f32>, TrainError> {
+        let numel = shape.iter().product::<usize>().max(1);
+        let groups: Vec<usize> = (0..values.len() / numel).collect();
+        self.apply_grouped(values, shape, &groups, rng)
+    }
+
+    /// Like [`Augment::apply`], but images with the same `groups` entry get the same random
+    /// transform (a duplet's two fidelities are augmented identically).
+    pub fn apply_grouped<R: Rng>(
+        &self,
+        values: &[f32],
+        shape: [usize; 3],
+        groups: &[usize],
+        rng: &mut R,
+    ) -> Result<Vec<f32>, TrainError> {
         let [c, h, w] = shape;
         let numel = c * h * w;
-        if numel == 0 || !values.len().is_multiple_of(numel) || self.fill.len() != c {
+        if numel == 0
+            || !values.len().is_multiple_of(numel)
+            || self.fill.len() != c
+            || groups.len() != values.len() / numel
+        {
             return Err(TrainError::Shape(format!(
-                "{} values, image shape {shape:?}, {} fill values",
+                "{} values, image shape {shape:?}, {} fill values, {} groups",
                 values.len(),
-                self.fill.len()
+                self.fill.len(),
+                groups.len()
             )));
         }
         let s = self.max_shift as i64;
+        let mut transforms = std::collections::HashMap::new();
         let mut out = vec![0f32; values.len()];
-        for (src, dst) in values.chunks_exact(numel).zip(out.chunks_exact_mut(numel)) {
-            let dy = if s > 0 { rng.gen_range(-s..=s) } else { 0 };
-            let dx = if s > 0 { rng.gen_range(-s..=s) } else { 0 };
-            let flip = self.flip && rng.gen_bool(0.5);
+        for ((src, dst), group) in values
+            .chunks_exact(numel)
+            .zip(out.chunks_exact_mut(numel))
+            .zip(groups)
+        {
+            let &mut (dy, dx, flip) = transforms.entry(*group).or_insert_with(|| {
+                let dy = if s > 0 { rng.gen_range(-s..=s) } else { 0 };
+                let dx = if s > 0 { rng.gen_range(-s..=s) } else { 0 };
+                (dy, dx, self.flip && rng.gen_bool(0.5))
+            });
             shift_flip(src, dst, [c, h, w], dy, dx, flip, &self.fill);
         }
         Ok(out)
@@ -157,6 +183,23 @@ mod tests {
             .unwrap(),
             values
         );
+        // Images of one group share their transform; different groups (almost surely) do not.
+        let pair: Vec<f32> = values[..72].iter().chain(&values[..72]).copied().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let shared = aug
+            .apply_grouped(&pair, [2, 6, 6], &[0, 0], &mut rng)
+            .unwrap();
+        assert_eq!(shared[..72], shared[72..]);
+        let apart: Vec<bool> = (0..8)
+            .map(|seed| {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let out = aug
+                    .apply_grouped(&pair, [2, 6, 6], &[0, 1], &mut rng)
+                    .unwrap();
+                out[..72] != out[72..]
+            })
+            .collect();
+        assert!(apart.contains(&true));
         assert!(aug
             .apply(
                 &values[1..],

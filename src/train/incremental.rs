@@ -142,14 +142,29 @@ pub struct FlatBatch {
     pub labels: Vec<String>,
     /// Numeric example id per example (for XBM self-pair masking).
     pub ids: Vec<i64>,
+    /// Augmentation group per example: a duplet's two examples share one random transform.
+    pub groups: Vec<usize>,
 }
 
 impl FlatBatch {
-    /// Appends one example.
+    /// Appends one example with its own augmentation.
     pub fn push(&mut self, values: &[f32], label: &str, id: i64) {
+        let group = self.groups.last().map_or(0, |g| g + 1);
+        self.push_in_group(values, label, id, group);
+    }
+
+    /// Appends the low-fidelity twin of the last example: same label, same augmentation.
+    pub fn push_twin(&mut self, values: &[f32], id: i64) {
+        let label = self.labels.last().cloned().unwrap_or_default();
+        let group = self.groups.last().copied().unwrap_or(0);
+        self.push_in_group(values, &label, id, group);
+    }
+
+    fn push_in_group(&mut self, values: &[f32], label: &str, id: i64, group: usize) {
         self.values.extend_from_slice(values);
         self.labels.push(label.to_owned());
         self.ids.push(id);
+        self.groups.push(group);
     }
 
     /// Number of examples.
@@ -219,7 +234,10 @@ impl ClassLearner {
         let head = ClassHead::new(dim, config.head_settings, device)?;
         let codec = ExemplarCodec::new(&input, &config.replay_memory)?;
         let replay = if config.replay {
-            Some(ReplayMemory::new(config.replay_memory.clone(), input.clone())?)
+            Some(ReplayMemory::new(
+                config.replay_memory.clone(),
+                input.clone(),
+            )?)
         } else {
             None
         };
@@ -276,7 +294,9 @@ impl ClassLearner {
             let support = embed_values(trainer, &class.values, &self.input)?;
             let labels = vec![0i64; class.values.len()];
             let proxy = match &self.leo {
-                Some(leo) if self.leo_trained && class.values.len() <= self.config.leo_max_shots => {
+                Some(leo)
+                    if self.leo_trained && class.values.len() <= self.config.leo_max_shots =>
+                {
                     generated += 1;
                     let existing = self.head.proxies()?.f_to_device(Device::Cpu)?;
                     leo.generate(&support, &labels, &existing)?
@@ -318,7 +338,7 @@ impl ClassLearner {
     }
 
     /// Appends `class`'s examples to `batch`, each followed by its low-fidelity twin when
-    /// duplets are on (same label, same numeric id offset by `twin_id_offset`).
+    /// duplets are on (same label and augmentation, numeric id offset by `twin_id_offset`).
     pub fn push_examples(
         &self,
         batch: &mut FlatBatch,
@@ -329,7 +349,7 @@ impl ClassLearner {
         for (values, id) in examples {
             batch.push(values, label, *id);
             if self.config.duplets {
-                batch.push(&self.codec.degrade(values)?, label, id + twin_id_offset);
+                batch.push_twin(&self.codec.degrade(values)?, id + twin_id_offset);
             }
         }
         Ok(())
@@ -364,7 +384,7 @@ impl ClassLearner {
         rng: &mut impl Rng,
     ) -> Result<StepStats, TrainError> {
         let shape = self.input.shape();
-        let augmented = augment.apply(&batch.values, shape, rng)?;
+        let augmented = augment.apply_grouped(&batch.values, shape, &batch.groups, rng)?;
         let [c, h, w] = shape.map(|d| d as i64);
         let n = batch.len() as i64;
         let rows: Vec<i64> = batch
@@ -529,7 +549,13 @@ impl ClassLearner {
         let mut episodes = 0usize;
         for _ in 0..self.config.leo_meta_steps {
             let min_rows = by_class.iter().map(|t| t.size()[0]).min().unwrap_or(0) as usize;
-            let shots = rng.gen_range(1..=self.config.leo_max_shots.min(min_rows.saturating_sub(1)).max(1));
+            let shots = rng.gen_range(
+                1..=self
+                    .config
+                    .leo_max_shots
+                    .min(min_rows.saturating_sub(1))
+                    .max(1),
+            );
             let Some(episode) = sample_episode(&by_class, 1, shots, 1, rng) else {
                 break;
             };
@@ -541,5 +567,225 @@ impl ClassLearner {
         }
         self.leo_trained = true;
         Ok(Some(total / episodes as f64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::spec::{ModelFormat, ModelSpec};
+    use crate::train::loss::PairLoss;
+    use crate::train::replay::Fidelity;
+    use rand::SeedableRng;
+
+    fn input() -> InputSpec {
+        InputSpec {
+            channels: 1,
+            height: 8,
+            width: 8,
+            mean: vec![0.5],
+            std: vec![0.5],
+        }
+    }
+
+    fn trainer() -> Trainer {
+        tch::manual_seed(21);
+        let spec = ModelSpec {
+            name: "toy".into(),
+            format: ModelFormat::Builtin,
+            architecture: crate::model::builtin::ARCHITECTURE.into(),
+            widths: vec![4, 8],
+            input: input(),
+            embedding_dim: 8,
+            weights: crate::train::offline::WEIGHTS_FILE.into(),
+        };
+        let loss = PairLoss::Contrastive { margin: 0.5 };
+        Trainer::new(spec, Device::Cpu, 1e-3, loss).unwrap()
+    }
+
+    /// Class `c`: a bright 3×3 square at one of four positions, plus noise.
+    fn class(c: usize, n: usize, rng: &mut StdRng) -> ClassExamples {
+        let (oy, ox) = [(0, 0), (0, 5), (5, 0), (5, 5)][c % 4];
+        let values = (0..n)
+            .map(|_| {
+                let mut img: Vec<f32> = (0..64).map(|_| rng.gen_range(-1.0..-0.6)).collect();
+                for y in 0..3 {
+                    for x in 0..3 {
+                        img[(oy + y) * 8 + ox + x] = 0.9;
+                    }
+                }
+                img
+            })
+            .collect();
+        ClassExamples {
+            label: format!("c{c}"),
+            ids: (0..n).map(|i| format!("c{c}-{i}")).collect(),
+            values,
+        }
+    }
+
+    use rand::rngs::StdRng;
+
+    fn learner(config: ClassLearningConfig) -> ClassLearner {
+        ClassLearner::new(config, input(), 8, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn duplets_pair_each_example_with_its_low_fidelity_twin() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let l = learner(ClassLearningConfig::default());
+        let shoe = class(0, 3, &mut rng);
+        let picks: Vec<(&[f32], i64)> = shoe
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), i as i64))
+            .collect();
+        let mut batch = FlatBatch::default();
+        l.push_examples(&mut batch, "c0", &picks, 100).unwrap();
+        assert_eq!(batch.len(), 6);
+        for (pair, original) in batch.values.chunks(128).zip(&shoe.values) {
+            assert_eq!(&pair[..64], original.as_slice());
+            assert_eq!(pair[64..], l.codec.degrade(original).unwrap()[..]);
+            assert_ne!(pair[..64], pair[64..], "the twin is degraded");
+        }
+        assert_eq!(
+            batch.groups,
+            vec![0, 0, 1, 1, 2, 2],
+            "twins share augmentation"
+        );
+        assert_eq!(batch.ids, vec![0, 100, 1, 101, 2, 102]);
+        assert!(batch.labels.iter().all(|l| l == "c0"));
+        // Augmented with a shift, a twin moves exactly like its original: the grouped
+        // augmentation of a duplet equals augmenting each half alone from the same RNG state.
+        let augment = Augment {
+            max_shift: 2,
+            flip: true,
+            fill: vec![-1.0],
+        };
+        for seed in 0..4 {
+            let duplet = &batch.values[..128];
+            let seeded = || StdRng::seed_from_u64(seed);
+            let together = augment
+                .apply_grouped(duplet, [1, 8, 8], &[0, 0], &mut seeded())
+                .unwrap();
+            let original = augment
+                .apply(&duplet[..64], [1, 8, 8], &mut seeded())
+                .unwrap();
+            let twin = augment
+                .apply(&duplet[64..], [1, 8, 8], &mut seeded())
+                .unwrap();
+            assert_eq!(together, [original, twin].concat());
+        }
+
+        let off = learner(ClassLearningConfig {
+            duplets: false,
+            ..Default::default()
+        });
+        let mut batch = FlatBatch::default();
+        off.push_examples(&mut batch, "c0", &picks, 100).unwrap();
+        assert_eq!(batch.len(), 3);
+    }
+
+    #[test]
+    fn joint_steps_train_the_head_and_adaptation_leaves_the_encoder_bit_identical() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut trainer = trainer();
+        let config = ClassLearningConfig {
+            replay_memory: ReplayConfig {
+                budget_bytes: 20_000,
+                fidelity: Fidelity::Low,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut l = learner(config);
+        let classes: Vec<ClassExamples> = (0..3).map(|c| class(c, 12, &mut rng)).collect();
+        assert_eq!(l.add_classes(&trainer, &classes).unwrap(), 0);
+        assert_eq!(l.head().labels(), ["c0", "c1", "c2"]);
+        let proxies_before = l.head().proxies().unwrap();
+        let augment = Augment::for_input(&input(), 1, false);
+        for _ in 0..5 {
+            let mut batch = FlatBatch::default();
+            for class in &classes[..2] {
+                let picks: Vec<(&[f32], i64)> = (0..4)
+                    .map(|i| (class.values[i].as_slice(), i as i64))
+                    .collect();
+                l.push_examples(&mut batch, &class.label, &picks, 1000)
+                    .unwrap();
+            }
+            batch.push(&classes[2].values[0], "unknown-to-the-head", 77);
+            let stats = l
+                .step(&mut trainer, &batch, &augment, 1e-3, &mut rng)
+                .unwrap();
+            assert!(stats.loss.is_finite());
+        }
+        let moved = (l.head().proxies().unwrap() - &proxies_before).abs().max();
+        assert!(moved.double_value(&[]) > 0.0, "the head trains jointly");
+        // Balanced Softmax's prior: classes 0 and 1 were sampled, class 2 never.
+        assert!(l.counts[0] > 0.0 && l.counts[1] > 0.0 && l.counts[2] == 0.0);
+
+        for class in &classes {
+            let report = l.remember(&trainer, class).unwrap().unwrap();
+            assert!(report.bytes_used <= 20_000);
+        }
+        let encoder = trainer.variables().unwrap();
+        let head_before = l.head().proxies().unwrap();
+        let loss = l.adapt(&trainer, &[], &mut rng).unwrap();
+        assert!(loss.is_some_and(f64::is_finite));
+        for (name, value) in trainer.variables().unwrap() {
+            assert!(
+                value.equal(&encoder[&name]),
+                "{name} changed during adaptation"
+            );
+        }
+        assert!(
+            (l.head().proxies().unwrap() - head_before)
+                .abs()
+                .max()
+                .double_value(&[])
+                > 0.0
+        );
+
+        let snapshot = l.snapshot().unwrap();
+        assert_eq!(snapshot.labels, ["c0", "c1", "c2"]);
+        let mut restored = learner(ClassLearningConfig::default());
+        restored.restore_head(&snapshot).unwrap();
+        let diff = restored.head().proxies().unwrap() - l.head().proxies().unwrap();
+        assert!(diff.abs().max().double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn leo_generates_few_shot_proxies_once_meta_trained() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let trainer = trainer();
+        let mut l = learner(ClassLearningConfig {
+            proxy_init: ProxyInit::Leo,
+            leo_meta_steps: 5,
+            leo_max_shots: 3,
+            ..Default::default()
+        });
+        let old: Vec<ClassExamples> = (0..3).map(|c| class(c, 10, &mut rng)).collect();
+        assert_eq!(
+            l.add_classes(&trainer, &old).unwrap(),
+            0,
+            "not meta-trained yet"
+        );
+        assert_eq!(
+            l.meta_train(&trainer, &mut rng).unwrap(),
+            None,
+            "no replay yet"
+        );
+        for class in &old {
+            l.remember(&trainer, class).unwrap();
+        }
+        assert!(l.meta_train(&trainer, &mut rng).unwrap().is_some());
+        let few = class(3, 2, &mut rng);
+        let many = ClassExamples {
+            label: "many".into(),
+            ..class(3, 6, &mut rng)
+        };
+        assert_eq!(l.add_classes(&trainer, &[few, many]).unwrap(), 1);
+        assert_eq!(l.head().len(), 5);
     }
 }

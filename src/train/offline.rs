@@ -413,7 +413,7 @@ impl Trainer {
             })?
             .f_detach()?
             .set_requires_grad(true);
-            let (loss, rows) = self.objective(&reps, labels, ids, extra.as_deref_mut())?;
+            let (loss, rows) = self.objective(&reps, labels, ids, extra)?;
             loss.f_backward()?;
             let cached = reps.grad();
             let mut offset = 0;
