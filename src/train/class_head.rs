@@ -12,9 +12,6 @@
 //! comfortably above `ln 200 ≈ 5.3` (CIFAR-100-LT's imbalance); a scale near `ln r` leaves rare
 //! classes unable to fit their own examples during training.
 use std::collections::HashMap;
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -22,14 +19,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::TrainError;
-use crate::model::ModelError;
 
 /// Default scale of the cosine logits.
 pub const DEFAULT_SCALE: f64 = 16.0;
-/// File name of the proxies (safetensors, one tensor named `proxies`) inside a head directory.
-pub const WEIGHTS_FILE: &str = "class_head.safetensors";
-/// File name of the labels and configuration (JSON) inside a head directory.
-pub const META_FILE: &str = "class_head.json";
 
 /// Guard against division by a zero norm.
 const NORM_EPS: f64 = 1e-12;
@@ -284,53 +276,6 @@ pub struct ClassHead {
     adam: ProxyAdam,
 }
 
-/// The JSON written beside the proxies.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HeadMeta {
-    dim: i64,
-    config: ClassHeadConfig,
-    labels: Vec<String>,
-}
-
-/// An error about file `path`.
-pub(crate) fn file_error(path: &Path, message: impl std::fmt::Display) -> TrainError {
-    TrainError::Model(ModelError::Weights {
-        path: path.to_path_buf(),
-        message: message.to_string(),
-    })
-}
-
-/// Writes `path` atomically: `write` fills a temporary file in the same directory, which is
-/// synced and renamed over `path`.
-pub(crate) fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<(), TrainError>,
-) -> Result<(), TrainError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    write(&tmp)?;
-    fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| file_error(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| file_error(path, e))
-}
-
-/// Syncs a directory so that renames inside it are durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), TrainError> {
-    fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| file_error(dir, e))
-}
-
-/// Writes `bytes` to `path` (helper for [`write_atomically`]).
-pub(crate) fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    fs::File::create(path)
-        .and_then(|mut f| f.write_all(bytes))
-        .map_err(|e| file_error(path, e))
-}
-
 impl ClassHead {
     /// An empty head for embeddings of dimension `dim`, its proxies on `device`.
     pub fn new(dim: i64, config: ClassHeadConfig, device: Device) -> Result<Self, TrainError> {
@@ -543,66 +488,6 @@ impl ClassHead {
         }
         let loss = tch::no_grad(|| self.loss(&embeddings, &targets, &ones))?;
         Ok(loss.f_double_value(&[])?)
-    }
-
-    /// Writes `DIR/class_head.safetensors` (the proxies) and `DIR/class_head.json` (dimension,
-    /// configuration, labels), each atomically (temporary file, sync, rename; the JSON last).
-    /// The optimizer state is not saved.
-    pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
-        let proxies = self.proxies.f_detach()?.f_to_device(Device::Cpu)?;
-        write_atomically(&dir.join(WEIGHTS_FILE), |tmp| {
-            Ok(Tensor::write_safetensors(&[("proxies", &proxies)], tmp)?)
-        })?;
-        let meta = HeadMeta {
-            dim: self.dim,
-            config: self.config,
-            labels: self.labels.clone(),
-        };
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| file_error(dir, e))?;
-        write_atomically(&dir.join(META_FILE), |tmp| write_bytes(tmp, &json))?;
-        sync_dir(dir)
-    }
-
-    /// Loads a head written by [`ClassHead::save`], its proxies on `device`, with a fresh
-    /// optimizer state.
-    pub fn load(dir: &Path, device: Device) -> Result<Self, TrainError> {
-        let meta_path = dir.join(META_FILE);
-        let bytes = fs::read(&meta_path).map_err(|e| file_error(&meta_path, e))?;
-        let meta: HeadMeta =
-            serde_json::from_slice(&bytes).map_err(|e| file_error(&meta_path, e))?;
-        let mut head = ClassHead::new(meta.dim, meta.config, device)?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let tensors =
-            Tensor::read_safetensors(&weights_path).map_err(|e| file_error(&weights_path, e))?;
-        let proxies = match tensors.as_slice() {
-            [(name, t)] if name == "proxies" => t,
-            _ => {
-                return Err(file_error(
-                    &weights_path,
-                    "expected exactly one tensor named \"proxies\"",
-                ))
-            }
-        };
-        let want = [meta.labels.len() as i64, meta.dim];
-        if proxies.size() != want {
-            return Err(file_error(
-                &weights_path,
-                format!("proxies have shape {:?}, expected {want:?}", proxies.size()),
-            ));
-        }
-        for (i, label) in meta.labels.iter().enumerate() {
-            if head.index.insert(label.clone(), i as i64).is_some() {
-                return Err(file_error(&meta_path, format!("duplicate label {label:?}")));
-            }
-        }
-        head.labels = meta.labels;
-        head.proxies = proxies
-            .f_to_kind(Kind::Float)?
-            .f_to_device(device)?
-            .f_set_requires_grad(true)?;
-        head.adam = ProxyAdam::new(&head.proxies)?;
-        Ok(head)
     }
 }
 
@@ -940,35 +825,5 @@ mod tests {
         let bad = Tensor::from_slice(&(0..40).map(|i| i % 5).collect::<Vec<i64>>());
         assert!(head.adapt(&embeddings, &bad, 1, 8, 0.05, 9).is_err());
         assert!(head.proxies().unwrap().equal(&proxies));
-    }
-
-    #[test]
-    fn save_load_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = ClassHeadConfig {
-            scale: 12.0,
-            lr: 0.01,
-        };
-        let mut head = ClassHead::new(5, config, Device::Cpu).unwrap();
-        head.save(dir.path()).unwrap();
-        let empty = ClassHead::load(dir.path(), Device::Cpu).unwrap();
-        assert!(empty.is_empty());
-        assert_eq!(empty.dim(), 5);
-        for (i, label) in ["b", "a", "ü"].iter().enumerate() {
-            let v = Tensor::arange(5, (Kind::Float, Device::Cpu)) - i as f64;
-            head.add_class(label, &v).unwrap();
-        }
-        head.save(dir.path()).unwrap();
-        let loaded = ClassHead::load(dir.path(), Device::Cpu).unwrap();
-        assert_eq!(loaded.labels(), head.labels());
-        assert_eq!(loaded.config(), config);
-        assert_eq!(loaded.index_of("ü"), Some(2));
-        assert!(loaded.proxies().unwrap().equal(&head.proxies().unwrap()));
-        assert!(!dir.path().join(format!("{WEIGHTS_FILE}.partial")).exists());
-        // Labels that disagree with the proxies are refused.
-        let meta = dir.path().join(META_FILE);
-        let text = std::fs::read_to_string(&meta).unwrap();
-        std::fs::write(&meta, text.replace("\"ü\"", "\"ü\", \"extra\"")).unwrap();
-        assert!(ClassHead::load(dir.path(), Device::Cpu).is_err());
     }
 }

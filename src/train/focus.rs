@@ -21,7 +21,6 @@ use super::online::{ReplayShare, ReplayStatus};
 use super::pool::ExamplePool;
 use super::sampler::PkSampler;
 use super::TrainError;
-use crate::classify::HeadSnapshot;
 use crate::embed::preprocess::values_from_raw;
 use crate::model::spec::InputSpec;
 use crate::store::Store;
@@ -72,9 +71,14 @@ impl ClassFocus {
         })
     }
 
-    /// Restores the head published with the generation the trainer starts from.
-    pub fn restore(&mut self, snapshot: &HeadSnapshot) -> Result<(), TrainError> {
-        self.learner.restore_head(snapshot)
+    /// Restores the head (and LEO) published with the generation the trainer starts from.
+    pub fn restore(&mut self, checkpoint: &std::path::Path) -> Result<(), TrainError> {
+        self.learner.restore(checkpoint)
+    }
+
+    /// Writes the head (and LEO) into a checkpoint directory.
+    pub fn save(&self, checkpoint: &std::path::Path) -> Result<(), TrainError> {
+        self.learner.save(checkpoint)
     }
 
     /// Reads the pending classes and their examples from the store, gives every label of the
@@ -232,11 +236,6 @@ impl ClassFocus {
     /// Classes learnt since the last call (to be marked as included by the next generation).
     pub fn take_learnt(&mut self) -> Vec<String> {
         std::mem::take(&mut self.learnt)
-    }
-
-    /// The head as published with a generation.
-    pub fn snapshot(&self) -> Result<HeadSnapshot, TrainError> {
-        self.learner.snapshot()
     }
 
     /// The replay memory's occupancy.

@@ -14,6 +14,8 @@
 //! - **LEO** ([`Leo`]; Rusu et al. 2019) to generate the proxy of a class that arrives with
 //!   few examples, meta-trained on episodes drawn from the replay memory; or imprinting (the
 //!   normalised mean embedding of its examples).
+use std::path::Path;
+
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -26,6 +28,9 @@ use super::replay::{AddReport, Candidate, ExemplarCodec, ReplayConfig, ReplayMem
 use super::TrainError;
 use crate::classify::HeadSnapshot;
 use crate::model::spec::InputSpec;
+
+/// Directory of the meta-trained LEO module inside a checkpoint.
+pub const LEO_DIR: &str = "leo";
 
 /// Decay per step of the sampling counts behind Balanced Softmax's prior.
 const COUNT_DECAY: f64 = 0.99;
@@ -319,6 +324,32 @@ impl ClassLearner {
                 self.head.add_class(label, &proxy)?;
                 self.counts.push(0.0);
             }
+        }
+        Ok(())
+    }
+
+    /// Writes the head (as served, [`HeadSnapshot`]) and, once meta-trained, the LEO module
+    /// (in `DIR/leo/`) into a checkpoint directory.
+    pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        self.snapshot()?
+            .save(dir)
+            .map_err(|e| TrainError::Config(format!("writing the class head: {e}")))?;
+        match &self.leo {
+            Some(leo) if self.leo_trained => leo.save(&dir.join(LEO_DIR)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Restores what [`ClassLearner::save`] wrote (a missing head or LEO module is fine).
+    pub fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let head = HeadSnapshot::load(dir).map_err(|e| TrainError::Config(e.to_string()))?;
+        if let Some(head) = head {
+            self.restore_head(&head)?;
+        }
+        let leo_dir = dir.join(LEO_DIR);
+        if let (Some(leo), true) = (self.leo.as_mut(), leo_dir.is_dir()) {
+            *leo = Leo::load(&leo_dir, self.head.device())?;
+            self.leo_trained = true;
         }
         Ok(())
     }
@@ -785,7 +816,28 @@ mod tests {
             label: "many".into(),
             ..class(3, 6, &mut rng)
         };
-        assert_eq!(l.add_classes(&trainer, &[few, many]).unwrap(), 1);
+        assert_eq!(l.add_classes(&trainer, &[few.clone(), many]).unwrap(), 1);
         assert_eq!(l.head().len(), 5);
+
+        // A checkpoint keeps the head and the meta-trained module: a restored learner generates
+        // the same proxy for the same support.
+        let dir = tempfile::tempdir().unwrap();
+        l.save(dir.path()).unwrap();
+        let mut restored = learner(l.config().clone());
+        restored.restore(dir.path()).unwrap();
+        assert_eq!(restored.head().labels(), l.head().labels());
+        let again = ClassExamples {
+            label: "few-again".into(),
+            ..few
+        };
+        assert_eq!(
+            restored
+                .add_classes(&trainer, std::slice::from_ref(&again))
+                .unwrap(),
+            1
+        );
+        assert_eq!(l.add_classes(&trainer, &[again]).unwrap(), 1);
+        let last = |x: &ClassLearner| x.head().proxies().unwrap().get(5);
+        assert!((last(&restored) - last(&l)).abs().max().double_value(&[]) < 1e-6);
     }
 }

@@ -21,7 +21,8 @@
 //! Not implemented from the paper: the final fine-tuning steps on the decoded weights with a
 //! learned rate, dropout on the inputs and the L2 weight penalty.
 use std::fs;
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -30,15 +31,52 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use super::class_head::{
-    cosine_logits, file_error, l2_normalize_rows, sync_dir, write_atomically, write_bytes,
-};
+use super::class_head::{cosine_logits, l2_normalize_rows};
 use super::TrainError;
+use crate::model::ModelError;
 
 /// File name of the LEO parameters (safetensors) inside a LEO directory.
 pub const WEIGHTS_FILE: &str = "leo.safetensors";
 /// File name of the dimension and configuration (JSON) inside a LEO directory.
 pub const META_FILE: &str = "leo.json";
+
+/// An error about file `path`.
+fn file_error(path: &Path, message: impl std::fmt::Display) -> TrainError {
+    TrainError::Model(ModelError::Weights {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    })
+}
+
+/// Writes `path` atomically: `write` fills a temporary file in the same directory, which is
+/// synced and renamed over `path`.
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    write(&tmp)?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| file_error(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| file_error(path, e))
+}
+
+/// Syncs a directory so that renames inside it are durable.
+fn sync_dir(dir: &Path) -> Result<(), TrainError> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| file_error(dir, e))
+}
+
+/// Writes `bytes` to `path` (helper for [`write_atomically`]).
+fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    fs::File::create(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| file_error(path, e))
+}
 
 /// Hyper-parameters of [`Leo`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -23,7 +23,6 @@ use super::incremental::FlatBatch;
 use super::offline::Trainer;
 use super::pool::{ExamplePool, Probe};
 use super::TrainError;
-use crate::classify::HeadSnapshot;
 use crate::config::TrainerConfig;
 use crate::metrics::Metrics;
 use crate::registry::Publisher;
@@ -431,12 +430,8 @@ fn start_session(context: &OnlineContext, version: u64) -> Result<Session, Strin
         .map_err(|e| format!("trainer settings: {e}"))?;
     let mut classes = ClassFocus::new(&context.config.classes, &trainer)
         .map_err(|e| format!("class learning settings: {e}"))?;
-    match HeadSnapshot::load(&record.model_dir) {
-        Ok(Some(head)) => classes
-            .restore(&head)
-            .map_err(|e| format!("generation {version}'s class head: {e}"))?,
-        Ok(None) => {}
-        Err(e) => tracing::warn!("starting with an empty class head: {e}"),
+    if let Err(e) = classes.restore(&record.model_dir) {
+        tracing::warn!("generation {version}'s class head cannot be restored, starting empty: {e}");
     }
     tracing::info!(version, "online trainer starts from generation");
     Ok(Session {
@@ -578,7 +573,7 @@ fn write_checkpoint(
         std::fs::remove_dir_all(&tmp)?;
     }
     session.trainer.save(&tmp)?;
-    session.classes.snapshot()?.save(&tmp)?;
+    session.classes.save(&tmp)?;
     std::fs::write(
         tmp.join(CHECKPOINT_METRICS),
         serde_json::to_vec_pretty(details)?,
