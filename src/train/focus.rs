@@ -89,7 +89,13 @@ impl ClassFocus {
         pool: &mut ExamplePool,
         store: &Store,
     ) -> Result<(), TrainError> {
-        let pending: Vec<String> = store.pending_classes().map_err(store_error)?;
+        // Classes learnt but not yet marked by a publish stay out of the focus.
+        let pending: Vec<String> = store
+            .pending_classes()
+            .map_err(store_error)?
+            .into_iter()
+            .filter(|label| !self.learnt.contains(label))
+            .collect();
         let pending_set: HashSet<&str> = pending.iter().map(String::as_str).collect();
         self.pending
             .retain(|label, _| pending_set.contains(label.as_str()));
