@@ -8,7 +8,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{blocking, check_input_count, live_generation};
+use super::{blocking, check_input_count, checked_k, embed_inputs, live_generation};
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
 use crate::api::input::{prepare_all, InputPayload};
@@ -228,26 +228,9 @@ pub async fn classify(
     JsonBody(request): JsonBody<ClassifyRequest>,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
     check_input_count(&state, request.inputs.len(), "inputs")?;
-    let k = request.k.unwrap_or(DEFAULT_K);
-    let max_k = state.config.search.max_k;
-    if k == 0 || k > max_k {
-        return Err(ApiError::invalid(
-            "invalid_k",
-            format!("k must be between 1 and {max_k}, got {k}"),
-        ));
-    }
+    let k = checked_k(&state, request.k, DEFAULT_K)?;
     let generation = live_generation(&state)?;
-    let payloads = request
-        .inputs
-        .into_iter()
-        .enumerate()
-        .map(|(i, input)| (input, format!("inputs[{i}]")))
-        .collect();
-    let prepared = prepare_all(payloads, generation.info.spec.input.clone()).await?;
-    let embeddings = generation
-        .embedder
-        .embed(prepared.into_iter().map(|p| p.values).collect())
-        .await?;
+    let embeddings = embed_inputs(&generation, request.inputs).await?;
     let store = state.store.clone();
     let version = generation.version;
     let predictions = blocking(move || {

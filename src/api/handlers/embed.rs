@@ -3,10 +3,10 @@ use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::{check_input_count, live_generation};
+use super::{check_input_count, embed_inputs, live_generation};
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
-use crate::api::input::{prepare_all, InputPayload};
+use crate::api::input::InputPayload;
 use crate::api::AppState;
 
 /// Request body of `POST /v1/embed`.
@@ -30,15 +30,7 @@ pub async fn embed(
 ) -> Result<Json<EmbedResponse>, ApiError> {
     check_input_count(&state, request.inputs.len(), "inputs")?;
     let generation = live_generation(&state)?;
-    let payloads = request
-        .inputs
-        .into_iter()
-        .enumerate()
-        .map(|(i, input)| (input, format!("inputs[{i}]")))
-        .collect();
-    let prepared = prepare_all(payloads, generation.info.spec.input.clone()).await?;
-    let values = prepared.into_iter().map(|p| p.values).collect();
-    let embeddings = generation.embedder.embed(values).await?;
+    let embeddings = embed_inputs(&generation, request.inputs).await?;
     Ok(Json(EmbedResponse {
         model_version: generation.version,
         embeddings,

@@ -46,6 +46,35 @@ fn check_input_count(state: &AppState, count: usize, what: &str) -> Result<(), A
     Ok(())
 }
 
+/// The requested `k` (or `default`), refused with 422 outside 1…`search.max_k`.
+fn checked_k(state: &AppState, k: Option<usize>, default: usize) -> Result<usize, ApiError> {
+    let k = k.unwrap_or(default);
+    let max_k = state.config.search.max_k;
+    if k == 0 || k > max_k {
+        return Err(ApiError::invalid(
+            "invalid_k",
+            format!("k must be between 1 and {max_k}, got {k}"),
+        ));
+    }
+    Ok(k)
+}
+
+/// Validates `inputs` (named `inputs[i]` in errors) and embeds them with `generation`.
+async fn embed_inputs(
+    generation: &Generation,
+    inputs: Vec<crate::api::input::InputPayload>,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    let payloads = inputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, input)| (input, format!("inputs[{i}]")))
+        .collect();
+    let prepared =
+        crate::api::input::prepare_all(payloads, generation.info.spec.input.clone()).await?;
+    let values = prepared.into_iter().map(|p| p.values).collect();
+    Ok(generation.embedder.embed(values).await?)
+}
+
 /// Runs blocking store/index work off the async runtime.
 async fn blocking<T, F>(work: F) -> Result<T, ApiError>
 where

@@ -6,7 +6,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{blocking, check_input_count, live_generation};
+use super::{blocking, check_input_count, checked_k, live_generation};
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
 use crate::api::input::{normalised_vector, prepare_all, InputPayload};
@@ -79,14 +79,7 @@ pub async fn search(
         }
     };
     check_input_count(&state, queries.len(), "queries")?;
-    let k = request.k.unwrap_or(DEFAULT_K);
-    let max_k = state.config.search.max_k;
-    if k == 0 || k > max_k {
-        return Err(ApiError::invalid(
-            "invalid_k",
-            format!("k must be between 1 and {max_k}, got {k}"),
-        ));
-    }
+    let k = checked_k(&state, request.k, DEFAULT_K)?;
     if let Some(ef) = request.ef {
         if ef == 0 || ef > MAX_EF {
             return Err(ApiError::invalid(
