@@ -55,10 +55,16 @@ pub struct Metrics {
     pub reembed_progress: Gauge,
     /// Mean squared distance between consecutive generations' embeddings of the probe set.
     pub drift: Gauge,
+    /// Uploaded classes the trainer is learning (no generation includes them yet).
+    pub classes_pending: IntGauge,
+    /// Uploaded classes learnt (each then published in a generation).
+    pub classes_learnt: IntCounter,
+    /// Bytes stored in the replay memory of old-class exemplars.
+    pub replay_bytes: IntGauge,
 }
 
 /// Routes pre-registered in the request counters so they appear before first use.
-pub const ROUTES: [&str; 14] = [
+pub const ROUTES: [&str; 16] = [
     "/healthz",
     "/readyz",
     "/metrics",
@@ -67,6 +73,8 @@ pub const ROUTES: [&str; 14] = [
     "/v1/items",
     "/v1/items/{id}",
     "/v1/search",
+    "/v1/classes",
+    "/v1/classify",
     "/v1/trainer",
     "/v1/trainer/pause",
     "/v1/trainer/resume",
@@ -163,6 +171,18 @@ impl Metrics {
             "drift",
             "Mean squared distance between consecutive generations' probe-set embeddings.",
         )?;
+        let classes_pending = IntGauge::new(
+            "classes_pending",
+            "Uploaded classes the trainer is learning (no generation includes them yet).",
+        )?;
+        let classes_learnt = IntCounter::new(
+            "classes_learnt_total",
+            "Uploaded classes learnt by the trainer.",
+        )?;
+        let replay_bytes = IntGauge::new(
+            "replay_bytes",
+            "Bytes stored in the replay memory of old-class exemplars.",
+        )?;
         reembed_progress.set(1.0);
         for metric in [
             Box::new(trainer_steps.clone()) as Box<dyn prometheus::core::Collector>,
@@ -174,6 +194,9 @@ impl Metrics {
             Box::new(reembedded_items.clone()),
             Box::new(reembed_progress.clone()),
             Box::new(drift.clone()),
+            Box::new(classes_pending.clone()),
+            Box::new(classes_learnt.clone()),
+            Box::new(replay_bytes.clone()),
         ] {
             registry.register(metric)?;
         }
@@ -224,6 +247,9 @@ impl Metrics {
             reembedded_items,
             reembed_progress,
             drift,
+            classes_pending,
+            classes_learnt,
+            replay_bytes,
         })
     }
 

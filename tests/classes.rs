@@ -104,7 +104,8 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &CLASS_TRAINER);
 
-    // Old classes: 10 Fashion-MNIST classes plus four glyph classes (the confusers).
+    // Old classes (plain labelled items): 10 Fashion-MNIST classes and four glyph classes,
+    // the confusers of the new one.
     let fashion = fashion_images(500);
     upsert_images(&server, "f", &fashion[..300]);
     let old_queries: Vec<(String, String)> = fashion[300..]
@@ -118,8 +119,12 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
             "only {} fonts render {ch}",
             images.len()
         );
-        let label = format!("glyph-{i}");
-        let (status, body) = upload(&server, &label, &images[..15], true);
+        let items: Vec<Value> = images[..15]
+            .iter()
+            .enumerate()
+            .map(|(j, png)| json!({ "id": format!("g{i}-{j}"), "label": format!("glyph-{i}"), "image": png }))
+            .collect();
+        let (status, body) = server.post("/v1/items", &json!({ "items": items }));
         assert_eq!(status, 200, "{body}");
     }
     // The new class: 15 examples uploaded, the rest held out as queries.
@@ -175,6 +180,17 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
         old_after >= old_before - MAX_OLD_CLASS_DROP,
         "old classes R@1 {old_before} → {old_after}"
     );
+
+    let (_, metrics) = server.get_text("/metrics");
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    assert_eq!(gauge("crossbatch_classes_pending"), 0.0);
+    assert_eq!(gauge("crossbatch_classes_learnt_total"), 1.0);
+    assert!(gauge("crossbatch_replay_bytes") > 0.0);
 
     let listed = classes_by_label(&server);
     assert_eq!(listed["new-glyph"]["first_generation"], first_generation);

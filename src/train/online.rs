@@ -317,6 +317,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             control.status.trainable_labels = pool.trainable_labels;
             control.status.pending_classes = current.classes.pending_labels();
             control.replay = current.classes.replay_status();
+            report_classes(&context.metrics, &control);
         }
         let next = current.classes.next_batch(
             &mut pool,
@@ -377,8 +378,12 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 }
                 if learnt {
                     let mut control = handle.lock();
+                    let before = control.status.pending_classes.len();
                     control.status.pending_classes = current.classes.pending_labels();
                     control.replay = current.classes.replay_status();
+                    let learnt_now = before.saturating_sub(control.status.pending_classes.len());
+                    context.metrics.classes_learnt.inc_by(learnt_now as u64);
+                    report_classes(&context.metrics, &control);
                 }
                 maybe_publish(&context, handle, current);
                 let duty = context.config.duty_cycle.clamp(0.01, 1.0);
@@ -391,6 +396,14 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             }
         }
     }
+}
+
+/// Sets the class gauges from the trainer's status.
+fn report_classes(metrics: &Metrics, control: &Control) {
+    metrics
+        .classes_pending
+        .set(control.status.pending_classes.len() as i64);
+    metrics.replay_bytes.set(control.replay.used_bytes as i64);
 }
 
 fn rng_seed(rng: &mut StdRng) -> u64 {
