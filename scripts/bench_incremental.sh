@@ -81,9 +81,10 @@ run_inc() {
 # summary_row LABEL NAME: final R@1, average incremental R@1, final forgetting, final head
 # accuracy, mean head accuracy on the new classes of tasks ≥ 2, replay bytes, exemplars.
 summary_row() {
-    jq -r --arg l "$1" 'def p: if . == null then "–" else (. * 1000 | round) / 10 | tostring end;
+    jq -r --arg l "$1" 'def p: if . == null then "–" else (. * 1000 | round) as $x | ($x | fabs) as $a
+            | (if $x < 0 then "-" else "" end) + "\($a / 10 | floor).\($a % 10)" end;
         .tasks as $t | ($t[1:] | map(.head_accuracy_new)) as $n
-        | "| \($l) | \(.final_recall | p) | \(.average_incremental_recall | p) | \(.final_forgetting | p) | \($t[-1].head_accuracy_all | p) | \(if ($n | length) > 0 then ($n | add / length) else null end | p) | \($t[-1].replay_bytes) / \(.budget_bytes // 0) | \($t[-1].exemplars) |"' \
+        | "| \($l) | \(.final_recall | p) | \(.average_incremental_recall | p) | \(.final_forgetting | p) | \($t[-1].head_accuracy_all | p) | \(if ($n | length) > 0 then ($n | add / length) else null end | p) | \(if .budget_bytes then "\($t[-1].replay_bytes) / \(.budget_bytes)" else "–" end) | \($t[-1].exemplars) |"' \
         "$WORK_DIR/$2.json"
 }
 summary_header() {

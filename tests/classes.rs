@@ -57,7 +57,10 @@ fn glyph_images(ch: char) -> Vec<String> {
 fn recall_at_1(server: &Server, queries: &[(String, String)]) -> f64 {
     let mut hits = 0;
     for chunk in queries.chunks(32) {
-        let inputs: Vec<Value> = chunk.iter().map(|(png, _)| json!({ "image": png })).collect();
+        let inputs: Vec<Value> = chunk
+            .iter()
+            .map(|(png, _)| json!({ "image": png }))
+            .collect();
         let (status, body) = server.post("/v1/search", &json!({ "queries": inputs, "k": 1 }));
         assert_eq!(status, 200, "{body}");
         for ((_, label), result) in chunk.iter().zip(body["results"].as_array().unwrap()) {
@@ -110,7 +113,11 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
         .collect();
     for (i, ch) in ['가', '나', '다', '라'].into_iter().enumerate() {
         let images = glyph_images(ch);
-        assert!(images.len() >= 30, "only {} fonts render {ch}", images.len());
+        assert!(
+            images.len() >= 30,
+            "only {} fonts render {ch}",
+            images.len()
+        );
         let label = format!("glyph-{i}");
         let (status, body) = upload(&server, &label, &images[..15], true);
         assert_eq!(status, 200, "{body}");
@@ -145,9 +152,11 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
 
     let (status, _) = server.post("/v1/trainer/resume", &json!({}));
     assert_eq!(status, 200);
-    wait_for("the generation that includes the class", Duration::from_secs(600), || {
-        server.get("/v1/info").1["model_version"].as_u64() >= Some(first_generation)
-    });
+    wait_for(
+        "the generation that includes the class",
+        Duration::from_secs(600),
+        || server.get("/v1/info").1["model_version"].as_u64() >= Some(first_generation),
+    );
     let (_, trainer) = server.get("/v1/trainer");
     assert!(
         trainer["step"].as_u64().unwrap() <= FOCUS_STEPS.parse::<u64>().unwrap() + 5,
@@ -158,7 +167,10 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
     eprintln!(
         "new class R@1 {new_before:.3} → {new_after:.3}; old classes {old_before:.3} → {old_after:.3}"
     );
-    assert!(new_after > new_before, "new class R@1 {new_before} → {new_after}");
+    assert!(
+        new_after > new_before,
+        "new class R@1 {new_before} → {new_after}"
+    );
     assert!(
         old_after >= old_before - MAX_OLD_CLASS_DROP,
         "old classes R@1 {old_before} → {old_after}"
@@ -173,7 +185,10 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
     assert!(listed["3"]["replay_exemplars"].as_u64().unwrap() > 0);
 
     // The head classifies held-out glyphs of the new class.
-    let inputs: Vec<Value> = new_queries.iter().map(|(png, _)| json!({ "image": png })).collect();
+    let inputs: Vec<Value> = new_queries
+        .iter()
+        .map(|(png, _)| json!({ "image": png }))
+        .collect();
     let (status, body) = server.post("/v1/classify", &json!({ "inputs": inputs, "k": 2 }));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["model_version"].as_u64(), Some(first_generation));
@@ -207,16 +222,47 @@ fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
 
     // Nothing is known yet: classification has no candidates.
     let (status, body) = server.post("/v1/classify", &json!({ "inputs": [{ "image": image }] }));
-    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("no_classes")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("no_classes"))
+    );
 
     let cases: Vec<(Value, u16, &str)> = vec![
-        (json!({ "label": "", "examples": [{ "image": image }] }), 422, "invalid_label"),
-        (json!({ "label": "x\u{7}", "examples": [{ "image": image }] }), 422, "invalid_label"),
-        (json!({ "label": "a".repeat(300), "examples": [{ "image": image }] }), 422, "invalid_label"),
-        (json!({ "label": "x", "examples": [] }), 400, "empty_request"),
-        (json!({ "label": "x", "examples": [{ "image": "bm90IGFuIGltYWdl" }] }), 422, "invalid_image"),
-        (json!({ "label": "x", "examples": [{ "image": image }], "colour": 1 }), 400, "invalid_json"),
-        (json!({ "examples": [{ "image": image }] }), 400, "invalid_json"),
+        (
+            json!({ "label": "", "examples": [{ "image": image }] }),
+            422,
+            "invalid_label",
+        ),
+        (
+            json!({ "label": "x\u{7}", "examples": [{ "image": image }] }),
+            422,
+            "invalid_label",
+        ),
+        (
+            json!({ "label": "a".repeat(300), "examples": [{ "image": image }] }),
+            422,
+            "invalid_label",
+        ),
+        (
+            json!({ "label": "x", "examples": [] }),
+            400,
+            "empty_request",
+        ),
+        (
+            json!({ "label": "x", "examples": [{ "image": "bm90IGFuIGltYWdl" }] }),
+            422,
+            "invalid_image",
+        ),
+        (
+            json!({ "label": "x", "examples": [{ "image": image }], "colour": 1 }),
+            400,
+            "invalid_json",
+        ),
+        (
+            json!({ "examples": [{ "image": image }] }),
+            400,
+            "invalid_json",
+        ),
     ];
     for (body, status, code) in cases {
         let (got, response) = server.post("/v1/classes", &body);
@@ -224,21 +270,37 @@ fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
         assert_eq!(response["error"]["code"], code, "{response}");
     }
     let (_, listed) = server.get("/v1/classes");
-    assert_eq!(listed["classes"], json!([]), "refused uploads stored nothing");
+    assert_eq!(
+        listed["classes"],
+        json!([]),
+        "refused uploads stored nothing"
+    );
 
     // A training-only upload is stored and listed but not searchable.
     let (status, body) = upload(&server, "shirt", &[image.clone(), image.clone()], false);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["first_generation"], Value::Null, "no trainer, no generation");
+    assert_eq!(
+        body["first_generation"],
+        Value::Null,
+        "no trainer, no generation"
+    );
     let listed = classes_by_label(&server);
     assert_eq!(listed["shirt"]["training_only"], 2);
     assert_eq!(listed["shirt"]["indexed"], 0);
     assert_eq!(server.item_count(), 0);
 
     for (body, status, code) in [
-        (json!({ "inputs": [{ "image": image }], "k": 0 }), 422, "invalid_k"),
+        (
+            json!({ "inputs": [{ "image": image }], "k": 0 }),
+            422,
+            "invalid_k",
+        ),
         (json!({ "inputs": [] }), 400, "empty_request"),
-        (json!({ "inputs": [{ "image": "%%" }] }), 400, "invalid_base64"),
+        (
+            json!({ "inputs": [{ "image": "%%" }] }),
+            400,
+            "invalid_base64",
+        ),
     ] {
         let (got, response) = server.post("/v1/classify", &body);
         assert_eq!(got, status, "{body} → {response}");

@@ -87,7 +87,8 @@ impl ClassFocus {
     ) -> Result<(), TrainError> {
         let pending: Vec<String> = store.pending_classes().map_err(store_error)?;
         let pending_set: HashSet<&str> = pending.iter().map(String::as_str).collect();
-        self.pending.retain(|label, _| pending_set.contains(label.as_str()));
+        self.pending
+            .retain(|label, _| pending_set.contains(label.as_str()));
         let examples = store.labelled_examples().map_err(store_error)?;
         for label in &pending {
             let ids: Vec<String> = examples
@@ -101,8 +102,15 @@ impl ClassFocus {
             }
             let class = read_class(store, label, &ids, &self.input)?;
             let steps = self.pending.get(label).map_or(0, |p| p.steps);
-            self.learner.add_classes(trainer, std::slice::from_ref(&class))?;
-            self.pending.insert(label.clone(), Pending { examples: class, steps });
+            self.learner
+                .add_classes(trainer, std::slice::from_ref(&class))?;
+            self.pending.insert(
+                label.clone(),
+                Pending {
+                    examples: class,
+                    steps,
+                },
+            );
         }
         // Every other label: a proxy in the head and exemplars in the replay memory.
         let labels: Vec<String> = pool
@@ -123,7 +131,8 @@ impl ClassFocus {
                 continue;
             }
             let class = pool.class_examples(store, &label, candidates, &self.input)?;
-            self.learner.add_classes(trainer, std::slice::from_ref(&class))?;
+            self.learner
+                .add_classes(trainer, std::slice::from_ref(&class))?;
             self.learner.remember(trainer, &class)?;
         }
         Ok(())

@@ -219,7 +219,10 @@ impl ClassLearner {
         let head = ClassHead::new(dim, config.head_settings, device)?;
         let codec = ExemplarCodec::new(&input, &config.replay_memory)?;
         let replay = if config.replay {
-            Some(ReplayMemory::new(config.replay_memory.clone(), input.clone())?)
+            Some(ReplayMemory::new(
+                config.replay_memory.clone(),
+                input.clone(),
+            )?)
         } else {
             None
         };
@@ -276,7 +279,9 @@ impl ClassLearner {
             let support = embed_values(trainer, &class.values, &self.input)?;
             let labels = vec![0i64; class.values.len()];
             let proxy = match &self.leo {
-                Some(leo) if self.leo_trained && class.values.len() <= self.config.leo_max_shots => {
+                Some(leo)
+                    if self.leo_trained && class.values.len() <= self.config.leo_max_shots =>
+                {
                     generated += 1;
                     let existing = self.head.proxies()?.f_to_device(Device::Cpu)?;
                     leo.generate(&support, &labels, &existing)?
@@ -529,7 +534,13 @@ impl ClassLearner {
         let mut episodes = 0usize;
         for _ in 0..self.config.leo_meta_steps {
             let min_rows = by_class.iter().map(|t| t.size()[0]).min().unwrap_or(0) as usize;
-            let shots = rng.gen_range(1..=self.config.leo_max_shots.min(min_rows.saturating_sub(1)).max(1));
+            let shots = rng.gen_range(
+                1..=self
+                    .config
+                    .leo_max_shots
+                    .min(min_rows.saturating_sub(1))
+                    .max(1),
+            );
             let Some(episode) = sample_episode(&by_class, 1, shots, 1, rng) else {
                 break;
             };

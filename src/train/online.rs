@@ -18,9 +18,9 @@ use serde::Serialize;
 use tch::Device;
 
 use super::augment::Augment;
-use super::offline::Trainer;
 use super::focus::ClassFocus;
 use super::incremental::FlatBatch;
+use super::offline::Trainer;
 use super::pool::{ExamplePool, Probe};
 use super::TrainError;
 use crate::classify::HeadSnapshot;
@@ -464,10 +464,13 @@ fn train_step(
     if session.probe.is_none() {
         session.probe = pool.probe(&context.store, &session.trainer, context.config.probe_size)?;
     }
-    let (stats, learnt) =
-        session
-            .classes
-            .step(&mut session.trainer, batch, &augment, context.config.lr, rng)?;
+    let (stats, learnt) = session.classes.step(
+        &mut session.trainer,
+        batch,
+        &augment,
+        context.config.lr,
+        rng,
+    )?;
     Ok((stats.loss, learnt))
 }
 

@@ -159,8 +159,7 @@ impl ExamplePool {
         let mut batch = FlatBatch::default();
         self.push_batch(store, &indices, &input, &mut batch)?;
         let [c, h, w] = input.shape().map(|d| d as i64);
-        let inputs =
-            Tensor::f_from_slice(&batch.values)?.f_view([batch.len() as i64, c, h, w])?;
+        let inputs = Tensor::f_from_slice(&batch.values)?.f_view([batch.len() as i64, c, h, w])?;
         let last = trainer.embed_eval(&inputs)?;
         Ok(Some(Probe { inputs, last }))
     }
