@@ -4,6 +4,7 @@ pub mod bench;
 pub mod eval;
 pub mod glyphs;
 pub mod import;
+pub mod incremental;
 pub mod serve;
 pub mod train;
 
@@ -33,6 +34,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Render a many-class Hangul glyph dataset (train/test with disjoint classes) from fonts.
     Glyphs(glyphs::GlyphsArgs),
+    /// Class-incremental benchmark: tasks of new classes, replay, Balanced Softmax, LEO.
+    Incremental(Box<incremental::IncrementalArgs>),
 }
 
 /// Runs the parsed command.
@@ -44,5 +47,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Glyphs(args) => glyphs::run(args),
+        Command::Incremental(args) => incremental::run(*args),
     }
 }

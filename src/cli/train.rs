@@ -79,7 +79,10 @@ fn is_gray(image: &DynamicImage) -> bool {
 }
 
 /// Input geometry of a new model from the data (and `--image-size`), with mean 0 / std 1.
-fn raw_input_spec(dataset: &Dataset, image_size: Option<usize>) -> anyhow::Result<InputSpec> {
+pub(crate) fn raw_input_spec(
+    dataset: &Dataset,
+    image_size: Option<usize>,
+) -> anyhow::Result<InputSpec> {
     let first = &dataset.samples.first().context("empty dataset")?.image;
     let channels = if dataset.samples.iter().all(|s| is_gray(&s.image)) {
         1
@@ -102,7 +105,11 @@ fn raw_input_spec(dataset: &Dataset, image_size: Option<usize>) -> anyhow::Resul
 
 /// Preprocesses every sample with `input`; with `fit_normalisation`, first measures the
 /// per-channel mean and std of the pixels (scaled to [0, 1]) and stores them in `input`.
-fn preprocess(dataset: &Dataset, input: &mut InputSpec, fit_normalisation: bool) -> Vec<f32> {
+pub(crate) fn preprocess(
+    dataset: &Dataset,
+    input: &mut InputSpec,
+    fit_normalisation: bool,
+) -> Vec<f32> {
     let target = input.clone();
     let raw_spec = InputSpec {
         mean: vec![0.0; input.channels],
