@@ -1,4 +1,4 @@
-//! Command-line interface: `serve`, `import`, `eval`, `train`, `bench`.
+//! Command-line interface: `serve`, `import`, `eval`, `train`, `bench`, `glyphs`, `incremental`.
 
 pub mod bench;
 pub mod eval;
