@@ -111,6 +111,9 @@ impl ClassFocus {
                 continue;
             }
             let class = read_class(store, label, &ids, &self.input)?;
+            if class.values.is_empty() {
+                continue; // deleted since the listing
+            }
             let steps = self.pending.get(label).map_or(0, |p| p.steps);
             self.learner
                 .add_classes(trainer, std::slice::from_ref(&class))?;
