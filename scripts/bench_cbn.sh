@@ -29,12 +29,8 @@ THREADS="${THREADS:-2}"
 DEVICE="${DEVICE:-cpu}"
 WORK_DIR="${WORK_DIR:-/tmp/crossbatch-bench-cbn}"
 
-[[ -x "$BIN" ]] || { echo "no binary at $BIN (make build, or set CROSSBATCH)" >&2; exit 1; }
-mkdir -p "$WORK_DIR"
-cp "$BIN" "$WORK_DIR/crossbatch"
-BIN="$WORK_DIR/crossbatch"
-export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 source "$ROOT/scripts/bench_lib.sh"
+use_private_binary
 ensure_glyphs
 
 read -r base_r1 _ _ _ base_map < <(eval_glyph_test "$INIT" "$WORK_DIR/init")

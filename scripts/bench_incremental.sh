@@ -45,14 +45,9 @@ THREADS="${THREADS:-1}"
 DEVICE="${DEVICE:-cpu}"
 WORK_DIR="${WORK_DIR:-/tmp/crossbatch-bench-incremental}"
 
-[[ -x "$BIN" ]] || { echo "no binary at $BIN (make build, or set CROSSBATCH)" >&2; exit 1; }
 command -v jq >/dev/null || { echo "jq is required" >&2; exit 1; }
-mkdir -p "$WORK_DIR"
-# Run a private copy so that a concurrent `cargo build` cannot swap the binary mid-benchmark.
-cp "$BIN" "$WORK_DIR/crossbatch"
-BIN="$WORK_DIR/crossbatch"
-export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 source "$ROOT/scripts/bench_lib.sh"
+use_private_binary
 
 common=(--batch-size "$BATCH" --per-class "$PER_CLASS" --lr "$LR" --seed "$SEED"
         --widths "$WIDTHS" --embedding-dim "$EMBEDDING_DIM" --threads "$THREADS"

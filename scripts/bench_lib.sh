@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
-# Shared helpers of the benchmark scripts (sourced, not run). Expects BIN, CLASSES, MAX_FONTS,
-# SIZE and GLYPHS_DIR to be set by the caller.
+# Shared helpers of the benchmark scripts (sourced, not run). Expects BIN, WORK_DIR, THREADS
+# and, for the glyph helpers, CLASSES, MAX_FONTS, SIZE and GLYPHS_DIR to be set by the caller.
+
+# use_private_binary: checks $BIN, runs a private copy of it from $WORK_DIR (so that a
+# concurrent `cargo build` cannot swap the binary mid-benchmark) and pins OpenMP to $THREADS.
+use_private_binary() {
+    [[ -x "$BIN" ]] || { echo "no binary at $BIN (make build, or set CROSSBATCH)" >&2; exit 1; }
+    mkdir -p "$WORK_DIR"
+    cp "$BIN" "$WORK_DIR/crossbatch"
+    BIN="$WORK_DIR/crossbatch"
+    export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
+}
 
 # ensure_glyphs: renders the many-class glyph dataset into $GLYPHS_DIR once and reuses it while
 # the parameters match.

@@ -36,14 +36,8 @@ EXTRA_TRAIN_ARGS="${EXTRA_TRAIN_ARGS:-}" # appended to every `train`, e.g. "--no
 CONFIGS="${CONFIGS:-ctr:32:0 ctr:32:xbm ctr:32:xbm:0.1 ctr:64:0 ms:32:0 ms:32:xbm}"
 WORK_DIR="${WORK_DIR:-/tmp/crossbatch-bench-xbm}"
 
-[[ -x "$BIN" ]] || { echo "no binary at $BIN (make build, or set CROSSBATCH)" >&2; exit 1; }
-mkdir -p "$WORK_DIR"
-# Run a private copy so that a concurrent `cargo build` cannot swap the binary mid-benchmark.
-cp "$BIN" "$WORK_DIR/crossbatch"
-BIN="$WORK_DIR/crossbatch"
-export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
-
 source "$ROOT/scripts/bench_lib.sh"
+use_private_binary
 ensure_glyphs
 n_train_classes=$(find "$GLYPHS_DIR/train" -mindepth 1 -maxdepth 1 -type d | wc -l)
 n_test_classes=$(find "$GLYPHS_DIR/test" -mindepth 1 -maxdepth 1 -type d | wc -l)

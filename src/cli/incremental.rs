@@ -26,17 +26,15 @@ use rand::SeedableRng;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::train::{preprocess, raw_input_spec};
+use super::train::{preprocess, ModelArgs};
 use crate::data::{self, Dataset, DatasetArgs, Sample};
 use crate::eval::EvalError;
-use crate::model::builtin::{ARCHITECTURE, DEFAULT_WIDTHS};
-use crate::model::spec::{InputSpec, ModelFormat, ModelSpec};
+use crate::model::spec::InputSpec;
 use crate::train::augment::Augment;
 use crate::train::incremental::{
     embed_values, ClassExamples, ClassLearner, ClassLearningConfig, FlatBatch, ProxyInit,
 };
-use crate::train::objective::Objective;
-use crate::train::offline::{lr_at, TrainData, Trainer, WEIGHTS_FILE};
+use crate::train::offline::{lr_at, TrainData, Trainer};
 use crate::train::replay::{Fidelity, ReplayConfig, Selection};
 use crate::train::sampler::PkSampler;
 use crate::train::TrainError;
@@ -107,39 +105,10 @@ pub struct IncrementalArgs {
     /// Replayed exemplars per batch (class-balanced) when the memory holds any.
     #[arg(long, default_value_t = 16)]
     pub replay_per_batch: usize,
-    /// Peak learning rate of every task (Adam; 5 % warm-up then cosine decay, per task).
-    #[arg(long, default_value_t = 2e-3)]
-    pub lr: f64,
-    /// Seed of initialisation, sampling, augmentation and selection.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// libtorch intra-op threads (default: the number of CPUs).
-    #[arg(long)]
-    pub threads: Option<i32>,
-    /// Device: auto, cpu or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Start from this builtin model directory instead of a fresh model.
-    #[arg(long)]
-    pub init: Option<PathBuf>,
-    /// Stage widths of a fresh model, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_WIDTHS.to_vec())]
-    pub widths: Vec<i64>,
-    /// Embedding dimension of a fresh model (default 128).
-    #[arg(long)]
-    pub embedding_dim: Option<usize>,
-    /// Input side of a fresh model (default: the dataset's image size).
-    #[arg(long)]
-    pub image_size: Option<usize>,
-    /// Largest random translation in pixels; 0 disables.
-    #[arg(long, default_value_t = 2)]
-    pub max_shift: usize,
-    /// Random horizontal flips.
-    #[arg(long)]
-    pub flip: bool,
-    /// Pair loss and XBM cross-batch memory.
+    /// The network (fresh, or `--init`), its optimisation (`--lr` is every task's peak rate,
+    /// `--seed` also seeds exemplar selection) and augmentation.
     #[command(flatten)]
-    pub objective: Objective,
+    pub model: ModelArgs,
     /// Replay memory: none, full (lossless) or low (downsampled JPEG) fidelity.
     #[arg(long, value_enum, default_value = "low")]
     pub replay: ReplayMode,
@@ -198,7 +167,7 @@ impl IncrementalArgs {
                     SelectionArg::Herding => Selection::Herding,
                     SelectionArg::Random => Selection::Random,
                 },
-                seed: self.seed,
+                seed: self.model.seed,
             },
             replay_per_batch: self.replay_per_batch,
             duplets: self.duplets,
@@ -662,12 +631,6 @@ fn flatten(groups: Vec<Vec<Sample>>) -> (Dataset, Vec<usize>) {
 
 /// Runs `crossbatch incremental`.
 pub fn run(args: IncrementalArgs) -> anyhow::Result<()> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
-    tch::set_num_threads(threads.max(1));
-    tch::manual_seed(args.seed as i64);
-    let device = crate::model::parse_device(&args.device)?;
     let config = args.class_learning();
     config.validate()?;
 
@@ -724,36 +687,11 @@ pub fn run(args: IncrementalArgs) -> anyhow::Result<()> {
         test_per_class.push(test);
     }
 
-    let (mut trainer, input) = match &args.init {
-        Some(dir) => {
-            anyhow::ensure!(
-                args.embedding_dim.is_none() && args.image_size.is_none(),
-                "--embedding-dim and --image-size apply to new models, not to --init"
-            );
-            let trainer = Trainer::from_dir(dir, device, args.lr, args.objective.pair_loss())
-                .with_context(|| format!("loading {}", dir.display()))?;
-            let input = trainer.spec().input.clone();
-            (trainer, input)
-        }
-        None => {
-            // Normalisation fitted on the first task's training images only.
-            let (first, _) = flatten(train_per_class[..first_task_end].to_vec());
-            let mut input = raw_input_spec(&first, args.image_size)?;
-            preprocess(&first, &mut input, true);
-            let spec = ModelSpec {
-                name: ARCHITECTURE.into(),
-                format: ModelFormat::Builtin,
-                architecture: ARCHITECTURE.into(),
-                widths: args.widths.clone(),
-                input: input.clone(),
-                embedding_dim: args.embedding_dim.unwrap_or(128),
-                weights: WEIGHTS_FILE.into(),
-            };
-            let trainer = Trainer::new(spec, device, args.lr, args.objective.pair_loss())?;
-            (trainer, input)
-        }
-    };
-    args.objective.apply(&mut trainer)?;
+    // A fresh model's normalisation is fitted on the first task's training images only.
+    let (first, _) = flatten(train_per_class[..first_task_end].to_vec());
+    let (mut trainer, threads) = args.model.trainer(&first)?;
+    let input = trainer.spec().input.clone();
+    let device = trainer.device();
     let to_data = |groups: Vec<Vec<Sample>>, input: &InputSpec| {
         let (dataset, classes) = flatten(groups);
         let mut input = input.clone();
@@ -771,9 +709,9 @@ pub fn run(args: IncrementalArgs) -> anyhow::Result<()> {
         steps_per_task: args.steps_per_task,
         batch_size: args.batch_size,
         per_class: args.per_class,
-        lr: args.lr,
-        seed: args.seed,
-        augment: Augment::for_input(&input, args.max_shift, args.flip),
+        lr: args.model.lr,
+        seed: args.model.seed,
+        augment: args.model.augment(&input),
     };
     eprintln!(
         "incremental: {} classes in {} tasks, {} training / {} test images of {:?}; widths {:?}, dim {}, {} steps per task, replay {:?} ({} bytes), device {device:?}, {threads} threads",
@@ -804,7 +742,10 @@ pub fn run(args: IncrementalArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::builtin::ARCHITECTURE;
+    use crate::model::spec::{ModelFormat, ModelSpec};
     use crate::train::loss::PairLoss;
+    use crate::train::offline::WEIGHTS_FILE;
     use clap::Parser;
     use rand::Rng;
 

@@ -21,9 +21,6 @@ pub struct TrainArgs {
     /// Output model directory (model.toml + model.safetensors).
     #[arg(long)]
     pub out: PathBuf,
-    /// Fine-tune this builtin model directory instead of starting from scratch.
-    #[arg(long)]
-    pub init: Option<PathBuf>,
     /// Optimisation steps.
     #[arg(long, default_value_t = 2000)]
     pub steps: usize,
@@ -33,6 +30,21 @@ pub struct TrainArgs {
     /// Examples per class in a batch (K), when the data has enough classes for P = batch/K.
     #[arg(long, default_value_t = 8)]
     pub per_class: usize,
+    /// Model name written to model.toml (default: "resnet-small", or the --init model's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The network, its optimisation and augmentation.
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// The network to train (fresh or `--init`), its optimisation and augmentation: the flags
+/// `train` and `incremental` share.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// Fine-tune this builtin model directory instead of starting from scratch.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Input side in pixels (square); default: the dataset's image size. New models only.
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -48,9 +60,6 @@ pub struct TrainArgs {
     /// Stage widths of a new model, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_WIDTHS.to_vec())]
     pub widths: Vec<i64>,
-    /// Model name written to model.toml (default: "resnet-small", or the --init model's name).
-    #[arg(long)]
-    pub name: Option<String>,
     /// Largest random translation in pixels (random crop with padding); 0 disables.
     #[arg(long, default_value_t = 2)]
     pub max_shift: usize,
@@ -68,6 +77,54 @@ pub struct TrainArgs {
     pub threads: Option<i32>,
 }
 
+impl ModelArgs {
+    /// Sets libtorch's threads and seed, then loads `--init` or creates a fresh network whose
+    /// input normalisation is fitted on `fit_on`, and applies the objective. Returns the
+    /// trainer and the thread count.
+    pub fn trainer(&self, fit_on: &Dataset) -> anyhow::Result<(Trainer, i32)> {
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32))
+            .max(1);
+        tch::set_num_threads(threads);
+        tch::manual_seed(self.seed as i64);
+        let device = crate::model::parse_device(&self.device)?;
+        let loss = self.objective.pair_loss();
+        let mut trainer = match &self.init {
+            Some(dir) => {
+                if self.embedding_dim.is_some() || self.image_size.is_some() {
+                    anyhow::bail!(
+                        "--embedding-dim and --image-size apply to new models, not to --init"
+                    );
+                }
+                Trainer::from_dir(dir, device, self.lr, loss)
+                    .with_context(|| format!("loading {}", dir.display()))?
+            }
+            None => {
+                let mut input = raw_input_spec(fit_on, self.image_size)?;
+                preprocess(fit_on, &mut input, true);
+                let spec = ModelSpec {
+                    name: ARCHITECTURE.into(),
+                    format: ModelFormat::Builtin,
+                    architecture: ARCHITECTURE.into(),
+                    widths: self.widths.clone(),
+                    input,
+                    embedding_dim: self.embedding_dim.unwrap_or(128),
+                    weights: WEIGHTS_FILE.into(),
+                };
+                Trainer::new(spec, device, self.lr, loss)?
+            }
+        };
+        self.objective.apply(&mut trainer)?;
+        Ok((trainer, threads))
+    }
+
+    /// The augmentation for `input`.
+    pub fn augment(&self, input: &InputSpec) -> Augment {
+        Augment::for_input(input, self.max_shift, self.flip)
+    }
+}
+
 fn is_gray(image: &DynamicImage) -> bool {
     matches!(
         image,
@@ -79,7 +136,7 @@ fn is_gray(image: &DynamicImage) -> bool {
 }
 
 /// Input geometry of a new model from the data (and `--image-size`), with mean 0 / std 1.
-pub(crate) fn raw_input_spec(
+fn raw_input_spec(
     dataset: &Dataset,
     image_size: Option<usize>,
 ) -> anyhow::Result<InputSpec> {
@@ -158,50 +215,14 @@ pub(crate) fn preprocess(
 
 /// Runs `crossbatch train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
-    tch::set_num_threads(threads.max(1));
-    tch::manual_seed(args.seed as i64);
-    let device = crate::model::parse_device(&args.device)?;
     let dataset = data::load(&args.dataset)?;
-
-    let (mut trainer, values, input) = match &args.init {
-        Some(dir) => {
-            if args.embedding_dim.is_some() || args.image_size.is_some() {
-                anyhow::bail!(
-                    "--embedding-dim and --image-size apply to new models, not to --init"
-                );
-            }
-            let trainer = Trainer::from_dir(dir, device, args.lr, args.objective.pair_loss())
-                .with_context(|| format!("loading {}", dir.display()))?;
-            let mut input = trainer.spec().input.clone();
-            let values = preprocess(&dataset, &mut input, false);
-            (trainer, values, input)
-        }
-        None => {
-            let mut input = raw_input_spec(&dataset, args.image_size)?;
-            let values = preprocess(&dataset, &mut input, true);
-            let spec = ModelSpec {
-                name: ARCHITECTURE.into(),
-                format: ModelFormat::Builtin,
-                architecture: ARCHITECTURE.into(),
-                widths: args.widths.clone(),
-                input: input.clone(),
-                embedding_dim: args.embedding_dim.unwrap_or(128),
-                weights: WEIGHTS_FILE.into(),
-            };
-            (
-                Trainer::new(spec, device, args.lr, args.objective.pair_loss())?,
-                values,
-                input,
-            )
-        }
-    };
+    let (mut trainer, threads) = args.model.trainer(&dataset)?;
+    let device = trainer.device();
+    let mut input = trainer.spec().input.clone();
+    let values = preprocess(&dataset, &mut input, false);
     if let Some(name) = &args.name {
         trainer.set_name(name);
     }
-    args.objective.apply(&mut trainer)?;
 
     let mut class_names: Vec<String> = dataset.labels();
     class_names.sort();
@@ -224,10 +245,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         steps: args.steps,
         classes_per_batch: p,
         per_class: k,
-        lr: args.lr,
+        lr: args.model.lr,
         warmup_fraction: 0.05,
-        seed: args.seed,
-        augment: Augment::for_input(&input, args.max_shift, args.flip),
+        seed: args.model.seed,
+        augment: args.model.augment(&input),
         progress: true,
     };
     let data = TrainData {
@@ -278,11 +299,14 @@ mod tests {
             "data.gz",
         ]);
         assert_eq!(w.args.steps, 5);
-        assert_eq!(w.args.widths, vec![8, 16]);
-        assert!(w.args.flip);
+        assert_eq!(w.args.model.widths, vec![8, 16]);
+        assert!(w.args.model.flip);
         assert_eq!(w.args.dataset.path, PathBuf::from("data.gz"));
         assert_eq!(
-            Wrap::parse_from(["train", "--out", "m", "x"]).args.widths,
+            Wrap::parse_from(["train", "--out", "m", "x"])
+                .args
+                .model
+                .widths,
             DEFAULT_WIDTHS.to_vec()
         );
     }
