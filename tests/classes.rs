@@ -300,8 +300,11 @@ fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
         Value::Null,
         "no trainer, no generation"
     );
+    // Examples added to an existing label through the same call join it.
+    let (status, body) = upload(&server, "shirt", std::slice::from_ref(&image), false);
+    assert_eq!(status, 200, "{body}");
     let listed = classes_by_label(&server);
-    assert_eq!(listed["shirt"]["training_only"], 2);
+    assert_eq!(listed["shirt"]["training_only"], 3);
     assert_eq!(listed["shirt"]["indexed"], 0);
     assert_eq!(server.item_count(), 0);
 

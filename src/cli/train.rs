@@ -136,10 +136,7 @@ fn is_gray(image: &DynamicImage) -> bool {
 }
 
 /// Input geometry of a new model from the data (and `--image-size`), with mean 0 / std 1.
-fn raw_input_spec(
-    dataset: &Dataset,
-    image_size: Option<usize>,
-) -> anyhow::Result<InputSpec> {
+fn raw_input_spec(dataset: &Dataset, image_size: Option<usize>) -> anyhow::Result<InputSpec> {
     let first = &dataset.samples.first().context("empty dataset")?.image;
     let channels = if dataset.samples.iter().all(|s| is_gray(&s.image)) {
         1
