@@ -57,7 +57,7 @@ pub struct Metrics {
     pub drift: Gauge,
     /// Uploaded classes the trainer is learning (no generation includes them yet).
     pub classes_pending: IntGauge,
-    /// Uploaded classes learnt (each then published in a generation).
+    /// Uploaded classes learnt and published in a generation.
     pub classes_learnt: IntCounter,
     /// Bytes stored in the replay memory of old-class exemplars.
     pub replay_bytes: IntGauge,
@@ -177,7 +177,7 @@ impl Metrics {
         )?;
         let classes_learnt = IntCounter::new(
             "classes_learnt_total",
-            "Uploaded classes learnt by the trainer.",
+            "Uploaded classes learnt and published in a generation.",
         )?;
         let replay_bytes = IntGauge::new(
             "replay_bytes",

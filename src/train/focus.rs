@@ -48,6 +48,8 @@ pub struct ClassFocus {
     pending: BTreeMap<String, Pending>,
     /// Classes learnt since the last publish (marked in the store when it happens).
     learnt: Vec<String>,
+    /// Labels already given a proxy and offered to the replay memory in this session.
+    remembered: HashSet<String>,
     replay_counter: i64,
 }
 
@@ -67,6 +69,7 @@ impl ClassFocus {
             focus_steps: config.focus_steps.max(1),
             pending: BTreeMap::new(),
             learnt: Vec::new(),
+            remembered: HashSet::new(),
             replay_counter: 0,
         })
     }
@@ -136,17 +139,14 @@ impl ClassFocus {
             .collect();
         let candidates = self.learner.config().replay_candidates.max(1);
         for label in labels {
-            let in_replay = self
-                .learner
-                .replay()
-                .is_some_and(|r| !r.exemplars(&label).is_empty());
-            if self.learner.knows(&label) && (in_replay || self.learner.replay().is_none()) {
+            if self.remembered.contains(&label) {
                 continue;
             }
             let class = pool.class_examples(store, &label, candidates, &self.input)?;
             self.learner
                 .add_classes(trainer, std::slice::from_ref(&class))?;
             self.learner.remember(trainer, &class)?;
+            self.remembered.insert(label);
         }
         Ok(())
     }
@@ -229,6 +229,7 @@ impl ClassFocus {
                 let classes: Vec<ClassExamples> = done.into_values().map(|p| p.examples).collect();
                 for class in &classes {
                     self.learner.remember(trainer, class)?;
+                    self.remembered.insert(class.label.clone());
                 }
                 self.learner.adapt(trainer, &classes, rng)?;
                 self.learner.meta_train(trainer, rng)?;

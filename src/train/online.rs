@@ -378,11 +378,8 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 }
                 if learnt {
                     let mut control = handle.lock();
-                    let before = control.status.pending_classes.len();
                     control.status.pending_classes = current.classes.pending_labels();
                     control.replay = current.classes.replay_status();
-                    let learnt_now = before.saturating_sub(control.status.pending_classes.len());
-                    context.metrics.classes_learnt.inc_by(learnt_now as u64);
                     report_classes(&context.metrics, &control);
                 }
                 maybe_publish(&context, handle, current);
@@ -560,6 +557,7 @@ fn publish(
     })?;
     let learnt = session.classes.take_learnt();
     store.mark_first_generation(&learnt, version)?;
+    context.metrics.classes_learnt.inc_by(learnt.len() as u64);
     context.publisher.start(version, dir)?;
     tracing::info!(
         version,
