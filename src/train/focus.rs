@@ -74,12 +74,22 @@ impl ClassFocus {
         })
     }
 
-    /// Restores the head (and LEO) published with the generation the trainer starts from.
+    /// Restores the head, replay memory and LEO published with the generation the trainer
+    /// starts from.
     pub fn restore(&mut self, checkpoint: &std::path::Path) -> Result<(), TrainError> {
-        self.learner.restore(checkpoint)
+        self.learner.restore(checkpoint)?;
+        // Labels with a proxy and exemplars need not be offered to the memory again.
+        if let Some(replay) = self.learner.replay() {
+            for share in replay.classes() {
+                if self.learner.knows(&share.label) {
+                    self.remembered.insert(share.label);
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// Writes the head (and LEO) into a checkpoint directory.
+    /// Writes the head, replay memory and LEO into a checkpoint directory.
     pub fn save(&self, checkpoint: &std::path::Path) -> Result<(), TrainError> {
         self.learner.save(checkpoint)
     }

@@ -29,6 +29,9 @@ use super::TrainError;
 use crate::classify::HeadSnapshot;
 use crate::model::spec::InputSpec;
 
+/// File of the replay memory inside a checkpoint.
+pub const REPLAY_FILE: &str = "replay.json";
+
 /// Directory of the meta-trained LEO module inside a checkpoint.
 pub const LEO_DIR: &str = "leo";
 
@@ -328,23 +331,35 @@ impl ClassLearner {
         Ok(())
     }
 
-    /// Writes the head (as served, [`HeadSnapshot`]) and, once meta-trained, the LEO module
-    /// (in `DIR/leo/`) into a checkpoint directory.
+    /// Writes the head (as served, [`HeadSnapshot`]), the replay memory (`DIR/replay.json`)
+    /// and, once meta-trained, the LEO module (`DIR/leo/`) into a checkpoint directory.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
         self.snapshot()?
             .save(dir)
             .map_err(|e| TrainError::Config(format!("writing the class head: {e}")))?;
+        if let Some(replay) = &self.replay {
+            replay.save(&dir.join(REPLAY_FILE))?;
+        }
         match &self.leo {
             Some(leo) if self.leo_trained => leo.save(&dir.join(LEO_DIR)),
             _ => Ok(()),
         }
     }
 
-    /// Restores what [`ClassLearner::save`] wrote (a missing head or LEO module is fine).
+    /// Restores what [`ClassLearner::save`] wrote (a missing part is fine; a replay memory
+    /// saved with other codec settings is dropped with a warning and rebuilt by the caller).
     pub fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
         let head = HeadSnapshot::load(dir).map_err(|e| TrainError::Config(e.to_string()))?;
         if let Some(head) = head {
             self.restore_head(&head)?;
+        }
+        let replay_file = dir.join(REPLAY_FILE);
+        if self.replay.is_some() && replay_file.is_file() {
+            let config = self.config.replay_memory.clone();
+            match ReplayMemory::load(&replay_file, config, self.input.clone()) {
+                Ok(replay) => self.replay = Some(replay),
+                Err(e) => tracing::warn!("not restoring the replay memory: {e}"),
+            }
         }
         let leo_dir = dir.join(LEO_DIR);
         if let (Some(leo), true) = (self.leo.as_mut(), leo_dir.is_dir()) {
@@ -780,10 +795,15 @@ mod tests {
 
         let snapshot = l.snapshot().unwrap();
         assert_eq!(snapshot.labels, ["c0", "c1", "c2"]);
-        let mut restored = learner(ClassLearningConfig::default());
-        restored.restore_head(&snapshot).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        l.save(dir.path()).unwrap();
+        let mut restored = learner(l.config().clone());
+        restored.restore(dir.path()).unwrap();
         let diff = restored.head().proxies().unwrap() - l.head().proxies().unwrap();
         assert!(diff.abs().max().double_value(&[]) < 1e-6);
+        let (a, b) = (restored.replay().unwrap(), l.replay().unwrap());
+        assert_eq!((a.len(), a.bytes_used()), (b.len(), b.bytes_used()));
+        assert_eq!(a.exemplars("c1"), b.exemplars("c1"));
     }
 
     #[test]
