@@ -148,15 +148,7 @@ fn normalise(pixel: u8, mean: f32, std: f32) -> f32 {
 mod tests {
     use super::*;
 
-    fn gray_spec(side: usize) -> InputSpec {
-        InputSpec {
-            channels: 1,
-            height: side,
-            width: side,
-            mean: vec![0.5],
-            std: vec![0.25],
-        }
-    }
+    use crate::model::spec::gray_test_spec as gray_spec;
 
     fn png_bytes(image: &DynamicImage) -> Vec<u8> {
         let mut out = std::io::Cursor::new(Vec::new());

@@ -43,6 +43,18 @@ impl InputSpec {
     }
 }
 
+/// A one-channel `side`×`side` input with mean 0.5 and std 0.25, for tests.
+#[cfg(test)]
+pub(crate) fn gray_test_spec(side: usize) -> InputSpec {
+    InputSpec {
+        channels: 1,
+        height: side,
+        width: side,
+        mean: vec![0.5],
+        std: vec![0.25],
+    }
+}
+
 /// The contents of `model.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {

@@ -1104,15 +1104,7 @@ mod tests {
 
     const FASHION: &str = "/usr/share/datasets/fashion-mnist";
 
-    fn gray_spec(side: usize) -> InputSpec {
-        InputSpec {
-            channels: 1,
-            height: side,
-            width: side,
-            mean: vec![0.5],
-            std: vec![0.25],
-        }
-    }
+    use crate::model::spec::gray_test_spec as gray_spec;
 
     /// A smooth synthetic image (values come from 8-bit pixels).
     fn smooth(seed: u64, spec: &InputSpec) -> Vec<f32> {
