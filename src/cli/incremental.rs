@@ -742,12 +742,9 @@ pub fn run(args: IncrementalArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::builtin::ARCHITECTURE;
-    use crate::model::spec::{ModelFormat, ModelSpec};
     use crate::train::loss::PairLoss;
-    use crate::train::offline::WEIGHTS_FILE;
+    use crate::train::offline::test_support::{spec as toy_spec, toy_data};
     use clap::Parser;
-    use rand::Rng;
 
     #[test]
     fn tasks_split_into_consecutive_groups() {
@@ -841,53 +838,10 @@ mod tests {
         );
     }
 
-    /// `n` examples of each of 4 classes at 8×8: a bright 3×3 square in one quadrant + noise.
-    fn squares(n: usize, seed: u64) -> TrainData {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut values = Vec::new();
-        let mut classes = Vec::new();
-        for class in 0..4 {
-            let (oy, ox) = [(0, 0), (0, 5), (5, 0), (5, 5)][class];
-            for _ in 0..n {
-                let mut img = [0f32; 64];
-                for v in img.iter_mut() {
-                    *v = rng.gen_range(-0.3..0.3);
-                }
-                for y in oy..oy + 3 {
-                    for x in ox..ox + 3 {
-                        img[y * 8 + x] += 2.0;
-                    }
-                }
-                values.extend_from_slice(&img);
-                classes.push(class);
-            }
-        }
-        TrainData {
-            values,
-            shape: [1, 8, 8],
-            classes,
-            class_names: ["a", "b", "c", "d"].map(String::from).to_vec(),
-        }
-    }
-
     #[test]
     fn two_tasks_end_to_end_replay_only_old_classes_within_budget() {
-        let input = InputSpec {
-            channels: 1,
-            height: 8,
-            width: 8,
-            mean: vec![0.0],
-            std: vec![1.0],
-        };
-        let spec = ModelSpec {
-            name: "toy".into(),
-            format: ModelFormat::Builtin,
-            architecture: ARCHITECTURE.into(),
-            widths: vec![4, 8],
-            input: input.clone(),
-            embedding_dim: 8,
-            weights: WEIGHTS_FILE.into(),
-        };
+        let spec = toy_spec();
+        let input = spec.input.clone();
         let mut trainer = Trainer::new(
             spec,
             Device::Cpu,
@@ -915,15 +869,15 @@ mod tests {
         let report = run_tasks(
             &mut trainer,
             &mut learner,
-            &squares(12, 2),
-            &squares(5, 3),
+            &toy_data(12, 2),
+            &toy_data(5, 3),
             &schedule,
         )
         .unwrap();
         assert_eq!(report.tasks.len(), 2);
         let (first, second) = (&report.tasks[0], &report.tasks[1]);
         assert!(first.replayed_labels.is_empty());
-        let old: BTreeSet<String> = ["a", "b"].map(String::from).into();
+        let old: BTreeSet<String> = ["0", "1"].map(String::from).into();
         assert_eq!(second.replayed_labels, old);
         assert_eq!((first.classes_seen, second.classes_seen), (2, 4));
         assert_eq!(second.per_class_recall.len(), 4);

@@ -720,15 +720,14 @@ pub fn train(
     })
 }
 
+/// A toy model and dataset shared by the trainer tests of several modules.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
     use crate::model::spec::InputSpec;
-    use crate::model::LoadedModel;
 
-    const CONTRASTIVE: PairLoss = PairLoss::Contrastive { margin: 0.5 };
-
-    fn spec() -> ModelSpec {
+    /// A tiny builtin network: 8×8 gray input (mean 0, std 1), widths [4, 8], dimension 8.
+    pub(crate) fn spec() -> ModelSpec {
         ModelSpec {
             name: "toy".into(),
             format: ModelFormat::Builtin,
@@ -747,7 +746,7 @@ mod tests {
     }
 
     /// Four classes: a bright 3×3 square in one of the four quadrants, plus noise.
-    fn toy_data(n_per_class: usize, seed: u64) -> TrainData {
+    pub(crate) fn toy_data(n_per_class: usize, seed: u64) -> TrainData {
         use rand::Rng;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut values = Vec::new();
@@ -774,6 +773,15 @@ mod tests {
             class_names: (0..4).map(|c| c.to_string()).collect(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{spec, toy_data};
+    use super::*;
+    use crate::model::LoadedModel;
+
+    const CONTRASTIVE: PairLoss = PairLoss::Contrastive { margin: 0.5 };
 
     fn config(steps: usize) -> TrainConfig {
         TrainConfig {
