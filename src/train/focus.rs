@@ -23,7 +23,7 @@ use super::sampler::PkSampler;
 use super::TrainError;
 use crate::embed::preprocess::values_from_raw;
 use crate::model::spec::InputSpec;
-use crate::store::Store;
+use crate::store::{LabelledExample, Store};
 
 /// Numeric ids of focus examples start here (above the pool's sequential ids).
 const FOCUS_ID_BASE: i64 = 1 << 39;
@@ -94,13 +94,15 @@ impl ClassFocus {
         self.learner.save(checkpoint)
     }
 
-    /// Reads the pending classes and their examples from the store, gives every label of the
-    /// store a proxy, and puts labels that are not pending into the replay memory.
+    /// Reads the pending classes from the store and their inputs (`examples` is the store's
+    /// list of labelled examples), gives every label a proxy, and puts labels that are not
+    /// pending into the replay memory.
     pub fn refresh(
         &mut self,
         trainer: &Trainer,
         pool: &mut ExamplePool,
         store: &Store,
+        examples: &[LabelledExample],
     ) -> Result<(), TrainError> {
         // Classes learnt but not yet marked by a publish stay out of the focus.
         let pending: Vec<String> = store
@@ -112,7 +114,6 @@ impl ClassFocus {
         let pending_set: HashSet<&str> = pending.iter().map(String::as_str).collect();
         self.pending
             .retain(|label, _| pending_set.contains(label.as_str()));
-        let examples = store.labelled_examples().map_err(store_error)?;
         for label in &pending {
             let ids: Vec<String> = examples
                 .iter()

@@ -486,11 +486,14 @@ fn refresh(
     pool: &mut ExamplePool,
     rng: &mut StdRng,
 ) -> Result<(), TrainError> {
-    pool.refresh(&context.store, &context.config, rng_seed(rng))
+    let examples = context
+        .store
+        .labelled_examples()
         .map_err(|e| TrainError::Config(e.to_string()))?;
+    pool.refresh(&examples, &context.config, rng_seed(rng));
     session
         .classes
-        .refresh(&session.trainer, pool, &context.store)
+        .refresh(&session.trainer, pool, &context.store, &examples)
 }
 
 /// Publishes a generation if one was requested, the trainer has taken steps since its base,

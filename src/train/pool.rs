@@ -11,7 +11,7 @@ use super::TrainError;
 use crate::config::TrainerConfig;
 use crate::embed::preprocess::values_from_raw;
 use crate::model::spec::InputSpec;
-use crate::store::Store;
+use crate::store::{LabelledExample, Store};
 
 /// A fixed set of labelled inputs embedded by each published generation to measure drift.
 pub struct Probe {
@@ -37,16 +37,11 @@ pub struct ExamplePool {
 }
 
 impl ExamplePool {
-    /// Re-reads the labelled examples and rebuilds the sampler over labels with ≥ 2 examples.
-    pub fn refresh(
-        &mut self,
-        store: &Store,
-        config: &TrainerConfig,
-        seed: u64,
-    ) -> Result<(), crate::store::StoreError> {
-        let examples = store.labelled_examples()?;
+    /// Takes the store's labelled `examples` and rebuilds the sampler over labels with ≥ 2
+    /// examples.
+    pub fn refresh(&mut self, examples: &[LabelledExample], config: &TrainerConfig, seed: u64) {
         let mut count: HashMap<&str, usize> = HashMap::new();
-        for e in &examples {
+        for e in examples {
             *count.entry(e.label.as_str()).or_default() += 1;
         }
         let eligible: Vec<_> = examples
@@ -74,7 +69,6 @@ impl ExamplePool {
         } else {
             None
         };
-        Ok(())
     }
 
     /// Appends the examples at `indices` (inputs, labels, numeric ids) to `out`; examples
