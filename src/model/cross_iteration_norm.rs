@@ -156,6 +156,7 @@ impl CrossIterationNorm {
         self.records.len()
     }
 
+    #[cfg(test)]
     /// Whether any recorded tensor still references an autograd graph (it never should).
     pub fn holds_graph(&self) -> bool {
         self.records.iter().any(|r| {

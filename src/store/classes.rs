@@ -4,7 +4,7 @@
 //! A class registered here and not yet included in a generation is *pending*: the online
 //! trainer focuses on it until it publishes a generation that has learnt it. Because the
 //! registration is in the database, that focus survives a restart.
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, TransactionBehavior};
 
 use super::{
     bytes_to_embedding, read_seq, to_i64, to_u64, write_seq, InputKind, Store, StoreError,
@@ -158,17 +158,14 @@ impl Store {
         Ok(marked)
     }
 
-    /// The registration of one class, if it was uploaded through `POST /v1/classes`.
-    pub fn first_generation(&self, label: &str) -> Result<Option<Option<u64>>, StoreError> {
+    /// The distinct labels of searchable items, ordered (uses the label index).
+    pub fn item_labels(&self) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
-        let row: Option<Option<i64>> = conn
-            .query_row(
-                "SELECT first_generation FROM classes WHERE label = ?1",
-                params![label],
-                |r| r.get(0),
-            )
-            .optional()?;
-        row.map(|v| optional_u64("generation", v)).transpose()
+        let mut stmt = conn.prepare_cached(
+            "SELECT DISTINCT label FROM items WHERE label IS NOT NULL ORDER BY label",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The stored embeddings of the items labelled `label`, each with the model version that
@@ -241,9 +238,13 @@ mod tests {
         assert_eq!(shoe.registered_unix, Some(100));
         assert_eq!(shoe.expected_generation, Some(3));
         assert_eq!(shoe.first_generation, Some(4));
-        assert_eq!(store.first_generation("shoe").unwrap(), Some(Some(4)));
-        assert_eq!(store.first_generation("hat").unwrap(), Some(None));
-        assert_eq!(store.first_generation("cat").unwrap(), None);
+        assert_eq!(classes[0].label, "hat");
+        assert_eq!(classes[0].first_generation, None);
+        assert!(classes.iter().all(|c| c.label != "cat"));
+        assert!(
+            store.item_labels().unwrap().is_empty(),
+            "class examples are not items"
+        );
         assert_eq!(store.last_seq().unwrap(), 3);
     }
 }

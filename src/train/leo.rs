@@ -596,6 +596,7 @@ impl Leo {
             .f_to_device(support.device())?)
     }
 
+    #[cfg(test)]
     /// Query cross-entropy of `episode` with the proxies of [`Leo::generate`] (no gradients).
     pub fn query_loss(&self, episode: &Episode) -> Result<f64, TrainError> {
         let proxies =

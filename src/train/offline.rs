@@ -297,7 +297,8 @@ impl Trainer {
         self.vs.device()
     }
 
-    /// Copies of every variable of the network, by name (for checks and snapshots).
+    #[cfg(test)]
+    /// Copies of every variable of the network, by name (for tests).
     pub fn variables(&self) -> Result<std::collections::HashMap<String, Tensor>, TrainError> {
         tch::no_grad(|| {
             self.vs

@@ -605,6 +605,7 @@ impl ReplayMemory {
         })
     }
 
+    #[cfg(test)]
     /// Removes a class and its exemplars; returns whether it existed. The capacity is kept,
     /// so the remaining classes' quotas grow (they are filled when topped up).
     pub fn remove_class(&mut self, label: &str) -> bool {

@@ -240,19 +240,17 @@ pub async fn classify(
             .unwrap_or_default();
         // Labels the head lacks: the normalised mean of their items embedded by this model.
         let mut means: HashMap<String, Vec<f32>> = HashMap::new();
-        for record in store.classes().map_err(ApiError::internal)? {
-            if known.contains(record.label.as_str()) || record.indexed == 0 {
+        for label in store.item_labels().map_err(ApiError::internal)? {
+            if known.contains(label.as_str()) {
                 continue;
             }
-            let rows = store
-                .label_embeddings(&record.label)
-                .map_err(ApiError::internal)?;
+            let rows = store.label_embeddings(&label).map_err(ApiError::internal)?;
             let current = rows
                 .iter()
                 .filter(|(_, v)| *v == version)
                 .map(|(e, _)| e.as_slice());
             if let Some(mean) = class_mean(current) {
-                means.insert(record.label, mean);
+                means.insert(label, mean);
             }
         }
         let scale = head.map_or(FALLBACK_SCALE, |h| h.scale);
