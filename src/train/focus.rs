@@ -106,8 +106,7 @@ impl ClassFocus {
     ) -> Result<(), TrainError> {
         // Classes learnt but not yet marked by a publish stay out of the focus.
         let pending: Vec<String> = store
-            .pending_classes()
-            .map_err(store_error)?
+            .pending_classes()?
             .into_iter()
             .filter(|label| !self.learnt.contains(label))
             .collect();
@@ -282,10 +281,6 @@ impl ClassFocus {
     }
 }
 
-fn store_error(e: crate::store::StoreError) -> TrainError {
-    TrainError::Config(format!("store: {e}"))
-}
-
 /// Reads and preprocesses the examples `ids` of `label` from the store.
 fn read_class(
     store: &Store,
@@ -293,7 +288,7 @@ fn read_class(
     ids: &[String],
     input: &InputSpec,
 ) -> Result<ClassExamples, TrainError> {
-    let rows = store.inputs_of(ids).map_err(store_error)?;
+    let rows = store.inputs_of(ids)?;
     let mut class = ClassExamples {
         label: label.to_owned(),
         ids: Vec::with_capacity(rows.len()),

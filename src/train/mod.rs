@@ -29,6 +29,9 @@ pub enum TrainError {
     /// Writing `model.toml` failed.
     #[error(transparent)]
     Spec(#[from] crate::model::spec::SpecError),
+    /// The store failed while the trainer read examples or classes.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
     /// libtorch reported an error.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

@@ -486,10 +486,7 @@ fn refresh(
     pool: &mut ExamplePool,
     rng: &mut StdRng,
 ) -> Result<(), TrainError> {
-    let examples = context
-        .store
-        .labelled_examples()
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let examples = context.store.labelled_examples()?;
     pool.refresh(&examples, &context.config, rng_seed(rng));
     session
         .classes

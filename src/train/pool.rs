@@ -90,9 +90,7 @@ impl ExamplePool {
             .map(|(id, _, _)| id.clone())
             .collect();
         if !missing.is_empty() {
-            let rows = store
-                .inputs_of(&missing)
-                .map_err(|e| TrainError::Config(e.to_string()))?;
+            let rows = store.inputs_of(&missing)?;
             for row in rows {
                 let values = values_from_raw(&row.input, &row.input_kind, input)
                     .map_err(|e| TrainError::Config(format!("item {}: {e}", row.id)))?;
