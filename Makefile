@@ -8,7 +8,7 @@ export LIBTORCH_USE_PYTORCH := 1
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: setup build run test bench lint fmt
+.PHONY: setup build run test bench lint fmt device-stage
 
 setup:
 	@./scripts/setup.sh
@@ -32,3 +32,7 @@ bench: build
 lint: setup
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
+
+## Stage the binaries and data of the GPU check into .device/ (README, "GPU check").
+device-stage: setup
+	./scripts/device_stage.sh

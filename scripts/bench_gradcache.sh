@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GradCache benchmark: peak memory (RSS of the training process; with DEVICE=cuda:N also the
-# peak GPU memory nvidia-smi reports for it) and seconds per step versus the logical batch
-# size, with and without GradCache, fine-tuning the shipped model on Fashion-MNIST with frozen
-# BatchNorm statistics (what GradCache requires).
+# GradCache benchmark: peak memory (the training process's peak RSS, which `train` reports; with
+# DEVICE=cuda:N also the peak GPU memory in use, sampled with nvidia-smi) and seconds per step
+# versus the logical batch size, with and without GradCache, fine-tuning the shipped model on
+# Fashion-MNIST with frozen BatchNorm statistics (what GradCache requires).
 #
 #   scripts/bench_gradcache.sh                 # batches 64 256 1024, chunk 64, 4 steps each
 #   BATCHES="128 512" CHUNK=32 STEPS=3 scripts/bench_gradcache.sh
-#   DEVICE=cuda:0 BATCHES="1024 4096 16384" scripts/bench_gradcache.sh   # on a GPU machine
+#   DEVICE=cuda:0 BATCHES="1024 4096 16384" CHUNK=1024 scripts/bench_gradcache.sh   # GPU machine
+#
+# The GPU column is the growth of the GPU's used memory over its level before the run (nothing
+# else runs on the benchmark GPU): the CUDA context plus what PyTorch's caching allocator holds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${CROSSBATCH:-$ROOT/target/release/crossbatch}"
@@ -15,20 +18,25 @@ CHUNK="${CHUNK:-64}"
 STEPS="${STEPS:-4}"
 THREADS="${THREADS:-2}"
 DEVICE="${DEVICE:-cpu}"
-IMAGES=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+IMAGES="${IMAGES:-/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz}"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-# gpu_peak PID OUT: polls nvidia-smi while PID runs and writes its peak used GPU memory (MiB).
+gpu_used_mib() {
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "${DEVICE#cuda:}" |
+        head -1 | tr -d ' '
+}
+
+# gpu_peak PID BASELINE OUT: samples the GPU's used memory while PID runs and writes the peak
+# growth over BASELINE (MiB) to OUT.
 gpu_peak() {
-  local pid=$1 out=$2 peak=0 used
-  while kill -0 "$pid" 2>/dev/null; do
-    used=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null |
-      awk -F', ' -v p="$pid" '$1 == p { print $2 }')
-    [[ -n "$used" && "$used" -gt "$peak" ]] && peak=$used
-    sleep 0.2
-  done
-  echo "$peak" > "$out"
+    local pid=$1 baseline=$2 out=$3 peak=0 used
+    while kill -0 "$pid" 2>/dev/null; do
+        used=$(gpu_used_mib 2>/dev/null || true)
+        [[ "$used" =~ ^[0-9]+$ ]] && ((used - baseline > peak)) && peak=$((used - baseline))
+        sleep 0.1
+    done
+    echo "$peak" >"$out"
 }
 
 gpu=false
@@ -36,23 +44,24 @@ gpu=false
 echo "| logical batch | GradCache chunk | s/step | peak RSS MB |$($gpu && echo ' peak GPU MiB |')"
 echo "|---:|---:|---:|---:|$($gpu && echo '---:|')"
 for batch in $BATCHES; do
-  for chunk in 0 "$CHUNK"; do
-    /usr/bin/time -f %M -o "$WORK/rss" "$BIN" train --format idx --limit 10000 \
-      --init "$ROOT/models/default" --out "$WORK/model" --steps "$STEPS" --batch-size "$batch" \
-      --per-class $((batch / 10)) --norm frozen --gradcache-chunk "$chunk" --threads "$THREADS" \
-      --device "$DEVICE" "$IMAGES" >"$WORK/out" 2>"$WORK/err" &
-    timer=$!
-    if $gpu; then
-      # The training process is the child of /usr/bin/time.
-      sleep 0.5
-      gpu_peak "$(pgrep -P "$timer" | head -1)" "$WORK/gpu" &
-    fi
-    wait "$timer"
-    gpu_col=""
-    if $gpu; then wait; gpu_col=" $(cat "$WORK/gpu") |"; fi
-    seconds=$(sed -n 's/.*trained [0-9]* steps in \([0-9.]*\) s.*/\1/p' "$WORK/out" "$WORK/err" | head -1)
-    rss=$(($(cat "$WORK/rss") / 1024))
-    step=$(awk -v s="$seconds" -v n="$STEPS" 'BEGIN { printf "%.2f", s / n }')
-    echo "| $batch | $([ "$chunk" = 0 ] && echo off || echo "$chunk") | $step | $rss |$gpu_col"
-  done
+    for chunk in 0 "$CHUNK"; do
+        $gpu && baseline=$(gpu_used_mib)
+        "$BIN" train --format idx --limit 10000 --init "$ROOT/models/default" \
+            --out "$WORK/model" --steps "$STEPS" --batch-size "$batch" \
+            --per-class $((batch / 10)) --norm frozen --gradcache-chunk "$chunk" \
+            --threads "$THREADS" --device "$DEVICE" "$IMAGES" >"$WORK/out" 2>"$WORK/log" &
+        trainer=$!
+        $gpu && gpu_peak "$trainer" "$baseline" "$WORK/gpu" &
+        if ! wait "$trainer"; then
+            echo "| $batch | $chunk | failed: $(tail -1 "$WORK/log") |"
+            wait
+            continue
+        fi
+        wait
+        summary=$(grep '^trained ' "$WORK/log" | tail -1)
+        seconds=$(sed -n 's/^trained [0-9]* steps in \([0-9.]*\) s.*/\1/p' <<<"$summary")
+        rss=$(sed -n 's/.*peak RSS \([0-9]*\) MB.*/\1/p' <<<"$summary")
+        step=$(awk -v s="$seconds" -v n="$STEPS" 'BEGIN { printf "%.3f", s / n }')
+        echo "| $batch | $([ "$chunk" = 0 ] && echo off || echo "$chunk") | $step | $rss |$($gpu && echo " $(cat "$WORK/gpu") |")"
+    done
 done

@@ -214,7 +214,7 @@ fn health_readiness_and_info() {
     let (status, info) = server.get("/v1/info");
     assert_eq!(status, 200);
     assert_eq!(info["model"]["name"], "fashion-mnist-resnet-small");
-    assert_eq!(info["device"], "cpu");
+    assert_eq!(info["device"], common::test_device());
     assert_eq!(info["items"], 0);
     assert_eq!(info["input"]["channels"], 1);
 }

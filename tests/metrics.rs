@@ -174,7 +174,11 @@ fn metrics_are_valid_prometheus_text_and_count_requests() {
         "every input went through a batch: {embedded}"
     );
     assert_eq!(
-        value(&samples, "crossbatch_model_info", &[("device", "cpu")]),
+        value(
+            &samples,
+            "crossbatch_model_info",
+            &[("device", common::test_device().as_str())]
+        ),
         1.0
     );
 }

@@ -267,8 +267,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     let summary = offline::train(&mut trainer, &data, &config)?;
     trainer.save(&args.out)?;
+    let peak_rss = peak_rss_mb().map_or_else(|| "unknown".to_owned(), |mb| format!("{mb} MB"));
     eprintln!(
-        "trained {} steps in {:.1} s (loss {:.4} → {:.4}); wrote {}",
+        "trained {} steps in {:.2} s (loss {:.4} → {:.4}); peak RSS {peak_rss}; wrote {}",
         summary.steps,
         summary.seconds,
         summary.first_loss,
@@ -276,6 +277,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The process's peak resident set size in MB (the kernel's `VmHWM` high-water mark), for the
+/// GradCache benchmark; `None` where `/proc` does not report it.
+fn peak_rss_mb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
 }
 
 #[cfg(test)]

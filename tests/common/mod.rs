@@ -16,6 +16,12 @@ pub const FMNIST_IMAGES: &str = "/usr/share/datasets/fashion-mnist/t10k-images-i
 /// Labels of [`FMNIST_IMAGES`].
 pub const FMNIST_LABELS: &str = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz";
 
+/// Device the test servers run on: `CROSSBATCH_TEST_DEVICE` (`cpu` when unset), e.g. `cuda:0`
+/// on a GPU machine (`scripts/device_check.sh`).
+pub fn test_device() -> String {
+    std::env::var("CROSSBATCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_owned())
+}
+
 /// A running server process.
 pub struct Server {
     child: Child,
@@ -27,7 +33,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `crossbatch serve` on the shipped default model, CPU, port 0, and waits until
+    /// Starts `crossbatch serve` on the shipped default model, [`test_device`], port 0, and waits until
     /// `/readyz` is 200. `env` adds `CROSSBATCH__…` overrides.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
         let server = Server::spawn(data_dir, env);
@@ -46,7 +52,7 @@ impl Server {
                 "--addr",
                 "127.0.0.1:0",
                 "--device",
-                "cpu",
+                &test_device(),
                 "--model",
             ])
             .arg(Path::new(root).join("models/default"))
