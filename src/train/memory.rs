@@ -90,7 +90,7 @@ impl CrossBatchMemory {
         let rows: Vec<i64> = (0..kept)
             .map(|i| ((self.head + i) % self.capacity) as i64)
             .collect();
-        let index = Tensor::from_slice(&rows).to_device(device);
+        let index = Tensor::f_from_slice(&rows)?.f_to_device(device)?;
         let take = |t: &Tensor, kind: Kind| -> Result<Tensor, TrainError> {
             Ok(t.f_detach()?
                 .f_narrow(0, skip, kept as i64)?
