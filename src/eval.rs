@@ -346,7 +346,10 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let (n, d) = (10_000usize, 64usize);
         let flat: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-        let t = Tensor::from_slice(&flat).view([n as i64, d as i64]);
+        // On the device under test: evaluate takes embeddings on any device.
+        let t = Tensor::from_slice(&flat)
+            .view([n as i64, d as i64])
+            .to_device(crate::model::test_support::test_device());
         let l: Vec<String> = (0..n).map(|i| (i % 10).to_string()).collect();
         let started = std::time::Instant::now();
         let r = evaluate(&t, &l).unwrap();

@@ -742,6 +742,7 @@ pub fn run(args: IncrementalArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::test_device;
     use crate::train::loss::PairLoss;
     use crate::train::offline::test_support::{spec as toy_spec, toy_data};
     use clap::Parser;
@@ -844,7 +845,7 @@ mod tests {
         let input = spec.input.clone();
         let mut trainer = Trainer::new(
             spec,
-            Device::Cpu,
+            test_device(),
             1e-2,
             PairLoss::Contrastive { margin: 0.5 },
         )
@@ -856,7 +857,7 @@ mod tests {
             ..ClassLearningConfig::default()
         };
         config.replay_memory.budget_bytes = budget;
-        let mut learner = ClassLearner::new(config, input.clone(), 8, Device::Cpu).unwrap();
+        let mut learner = ClassLearner::new(config, input.clone(), 8, trainer.device()).unwrap();
         let schedule = TaskSchedule {
             tasks: split_tasks(4, 2, None).unwrap(),
             steps_per_task: 10,

@@ -331,7 +331,8 @@ impl CrossIterationNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
+    use crate::model::test_support::test_device;
+    use tch::Kind;
 
     const CONSTANTS: NormConstants = NormConstants {
         eps: 1e-5,
@@ -363,12 +364,13 @@ mod tests {
     #[test]
     fn frozen_weights_equal_batch_norm_over_the_pooled_window() {
         tch::manual_seed(1);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let device = test_device();
+        let vs = nn::VarStore::new(device);
         let conv = nn::conv2d(vs.root() / "conv", 3, 4, 3, Default::default());
         let norm = nn::batch_norm2d(vs.root() / "bn", 4, Default::default());
         let mut cbn = CrossIterationNorm::new(settings(3, 0, true), CONSTANTS);
         let batches: Vec<Tensor> = (0..5)
-            .map(|i| Tensor::randn([2, 3, 6, 6], (Kind::Float, Device::Cpu)) * (1.0 + i as f64))
+            .map(|i| Tensor::randn([2, 3, 6, 6], (Kind::Float, device)) * (1.0 + i as f64))
             .collect();
         for (i, input) in batches.iter().enumerate() {
             let xs = input.apply(&conv);
@@ -401,7 +403,7 @@ mod tests {
     #[test]
     fn compensated_statistics_of_a_linear_layer_match_recomputation() {
         tch::manual_seed(2);
-        let opts = (Kind::Double, Device::Cpu);
+        let opts = (Kind::Double, test_device());
         let old_weight = Tensor::randn([5, 7], opts).set_requires_grad(true);
         let old_bias = Tensor::randn([5], opts).set_requires_grad(true);
         let inputs = Tensor::randn([6, 7], opts) + 0.5;
@@ -446,9 +448,10 @@ mod tests {
     #[test]
     fn input_gradient_matches_finite_differences() {
         tch::manual_seed(3);
-        let opts = (Kind::Double, Device::Cpu);
+        let device = test_device();
+        let opts = (Kind::Double, device);
         let weight = Tensor::randn([3, 4], opts).set_requires_grad(true);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let vs = nn::VarStore::new(device);
         let mut norm = bn(&vs, 3);
         norm.ws = norm.ws.map(|w| w.to_kind(Kind::Double));
         norm.bs = norm.bs.map(|b| b.to_kind(Kind::Double));
@@ -491,13 +494,14 @@ mod tests {
     #[test]
     fn burn_in_is_batch_norm_and_the_window_stays_bounded() {
         tch::manual_seed(4);
-        let vs = nn::VarStore::new(Device::Cpu);
+        let device = test_device();
+        let vs = nn::VarStore::new(device);
         let linear = nn::linear(vs.root() / "fc", 6, 4, Default::default());
         let norm = bn(&vs, 4);
         let weights = [&linear.ws, linear.bs.as_ref().unwrap()];
         let mut cbn = CrossIterationNorm::new(settings(4, 3, true), CONSTANTS);
         for step in 0..40 {
-            let xs = Tensor::randn([3, 6], (Kind::Float, Device::Cpu)).apply(&linear);
+            let xs = Tensor::randn([3, 6], (Kind::Float, device)).apply(&linear);
             let ys = cbn.forward(&xs, &weights, &norm).unwrap();
             if step < 3 {
                 let plain = xs.batch_norm(

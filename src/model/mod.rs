@@ -270,10 +270,23 @@ impl LoadedModel {
     }
 }
 
-/// Helpers shared by tests that need a real TorchScript file.
+/// Helpers shared by tests: the device under test and real TorchScript files.
 #[cfg(test)]
 pub(crate) mod test_support {
     use std::path::Path;
+
+    use tch::Device;
+
+    /// The device the device-sensitive unit tests run on: `CROSSBATCH_TEST_DEVICE` (`cpu`,
+    /// `cuda:N` or `auto`, parsed by [`super::parse_device`]), the CPU when it is unset. A value
+    /// that does not parse, or names a missing GPU, fails the test instead of falling back.
+    pub fn test_device() -> Device {
+        match std::env::var("CROSSBATCH_TEST_DEVICE") {
+            Ok(name) => super::parse_device(&name)
+                .unwrap_or_else(|e| panic!("CROSSBATCH_TEST_DEVICE={name:?}: {e}")),
+            Err(_) => Device::Cpu,
+        }
+    }
 
     /// Runs `source` (Python that saves a TorchScript module to the path in `OUT`) with the
     /// project's venv Python. Returns `false` (the caller skips) only when that Python does
@@ -304,6 +317,7 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::spec::InputSpec;
+    use super::test_support::test_device;
     use super::*;
 
     fn test_spec(dim: usize) -> ModelSpec {
@@ -347,23 +361,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = test_spec(16);
         write_model(dir.path(), &spec);
-        let a = LoadedModel::load(dir.path(), Device::Cpu).unwrap();
-        let b = LoadedModel::load(dir.path(), Device::Cpu).unwrap();
+        let device = test_device();
+        let a = LoadedModel::load(dir.path(), device).unwrap();
+        let b = LoadedModel::load(dir.path(), device).unwrap();
         assert_eq!(a.spec(), &spec);
         let values = inputs(5);
         let ea = a.embed_values(&values, 5).unwrap();
         let eb = b.embed_values(&values, 5).unwrap();
-        assert_eq!(ea, eb);
+        // Bit-identical on the CPU; on CUDA two runs may differ in the last bits (cuDNN's
+        // algorithm choice), so allow 1e-5 of the unit norm there.
+        let tolerance = if device.is_cuda() { 1e-5 } else { 0.0 };
+        for (x, y) in ea.concat().iter().zip(&eb.concat()) {
+            assert!((x - y).abs() <= tolerance, "{x} vs {y}");
+        }
         assert_eq!(ea.len(), 5);
         // Different inputs give different embeddings (the weights are not degenerate).
         assert_ne!(ea[0], ea[1]);
 
         // The loaded weights equal the saved ones, and eval mode uses running statistics:
         // rebuild the net by hand and compare outputs.
-        let mut vs = nn::VarStore::new(Device::Cpu);
+        let mut vs = nn::VarStore::new(device);
         let net = ResNetSmall::from_spec(&vs.root(), &spec);
         vs.load(dir.path().join("model.safetensors")).unwrap();
-        let xs = Tensor::from_slice(&values).view([5, 1, 12, 10]);
+        let xs = Tensor::from_slice(&values)
+            .view([5, 1, 12, 10])
+            .to_device(device);
         let direct = tch::no_grad(|| net.forward_t(&xs, false)).unwrap();
         let direct: Vec<f32> = Vec::try_from(&direct.view([-1])).unwrap();
         let flat: Vec<f32> = ea.concat();
@@ -377,7 +399,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = test_spec(8);
         write_model(dir.path(), &spec);
-        let model = LoadedModel::load(dir.path(), Device::Cpu).unwrap();
+        let model = LoadedModel::load(dir.path(), test_device()).unwrap();
         let values = inputs(4);
         let all = model.embed_values(&values, 4).unwrap();
         for row in &all {
@@ -510,7 +532,7 @@ mod tests {
         spec.input.width = 2;
         spec.weights = "model.pt".into();
         spec.save(dir.path()).unwrap();
-        let model = LoadedModel::load(dir.path(), Device::Cpu).unwrap();
+        let model = LoadedModel::load(dir.path(), test_device()).unwrap();
         let out = model
             .embed_values(&[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], 2)
             .unwrap();

@@ -494,14 +494,19 @@ impl ClassHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::test_device;
     use rand::{Rng, SeedableRng};
 
     fn random(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f64> {
         (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect()
     }
 
+    /// Logits (or embeddings) on the device under test; targets and counts stay on the CPU,
+    /// as the class learner passes them.
     fn matrix(values: &[f64], cols: usize) -> Tensor {
-        Tensor::from_slice(values).view([-1, cols as i64])
+        Tensor::from_slice(values)
+            .view([-1, cols as i64])
+            .to_device(test_device())
     }
 
     /// Plain-Rust `mean_i −log softmax(z_i + log n)[y_i]`, skipping classes with `n = 0`.
@@ -538,7 +543,7 @@ mod tests {
         let got = loss_value(&z, c, &y, &[3.0; 5]);
         let plain = matrix(&z, c)
             .log_softmax(1, Kind::Double)
-            .nll_loss(&Tensor::from_slice(&y))
+            .nll_loss(&Tensor::from_slice(&y).to_device(test_device()))
             .double_value(&[]);
         let brute = brute_force_loss(&z, c, &y, &[1.0; 5]);
         assert!((got - plain).abs() < 1e-12, "{got} vs tch {plain}");
@@ -709,8 +714,9 @@ mod tests {
 
     fn head_with(classes: usize, dim: i64, seed: i64) -> ClassHead {
         tch::manual_seed(seed);
-        let mut head = ClassHead::new(dim, ClassHeadConfig::default(), Device::Cpu).unwrap();
+        let mut head = ClassHead::new(dim, ClassHeadConfig::default(), test_device()).unwrap();
         for c in 0..classes {
+            // Initial proxies come from the CPU (as imprinted ones do); the head moves them.
             head.add_class(
                 &format!("class-{c}"),
                 &Tensor::randn([dim], (Kind::Float, Device::Cpu)),
@@ -732,7 +738,7 @@ mod tests {
         let after = head.proxies().unwrap();
         assert_eq!(after.size(), [4, 6]);
         assert!(after.narrow(0, 0, 3).equal(&before));
-        let want = Tensor::from_slice(&[0.6f32, 0.0, 0.0, 0.8, 0.0, 0.0]);
+        let want = Tensor::from_slice(&[0.6f32, 0.0, 0.0, 0.8, 0.0, 0.0]).to_device(head.device());
         assert!((after.get(3) - &want).abs().max().double_value(&[]) < 1e-7);
         assert_eq!(head.labels(), ["class-0", "class-1", "class-2", "new"]);
         assert_eq!(head.index_of("new"), Some(3));
@@ -758,7 +764,8 @@ mod tests {
     fn joint_step_moves_proxies_and_passes_gradient_to_embeddings() {
         let mut head = head_with(3, 4, 6);
         let before = head.proxies().unwrap();
-        let embeddings = Tensor::randn([5, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let embeddings =
+            Tensor::randn([5, 4], (Kind::Float, head.device())).set_requires_grad(true);
         let targets = Tensor::from_slice(&[0i64, 2, 2, 0, 0]);
         let counts = Tensor::from_slice(&[4.0f32, 0.0, 1.0]);
         let loss = head.loss(&embeddings, &targets, &counts).unwrap();
@@ -797,7 +804,8 @@ mod tests {
     #[test]
     fn adapt_reduces_the_loss_and_changes_only_the_proxies() {
         let mut head = head_with(4, 8, 7);
-        // Each class's examples cluster around a direction unrelated to its initial proxy.
+        // Each class's examples cluster around a direction unrelated to its initial proxy. They
+        // live on the CPU, as the class learner's embeddings do; the head moves them.
         let centres = Tensor::randn([4, 8], (Kind::Float, Device::Cpu)) * 3.0;
         let targets = Tensor::from_slice(&(0..40).map(|i| i % 4).collect::<Vec<i64>>());
         let embeddings = (centres.index_select(0, &targets)

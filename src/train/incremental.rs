@@ -620,6 +620,7 @@ impl ClassLearner {
 mod tests {
     use super::*;
     use crate::model::spec::{ModelFormat, ModelSpec};
+    use crate::model::test_support::test_device;
     use crate::train::loss::PairLoss;
     use crate::train::replay::Fidelity;
     use rand::SeedableRng;
@@ -646,7 +647,7 @@ mod tests {
             weights: crate::train::offline::WEIGHTS_FILE.into(),
         };
         let loss = PairLoss::Contrastive { margin: 0.5 };
-        Trainer::new(spec, Device::Cpu, 1e-3, loss).unwrap()
+        Trainer::new(spec, test_device(), 1e-3, loss).unwrap()
     }
 
     /// Class `c`: a bright 3×3 square at one of four positions, plus noise.
@@ -673,7 +674,7 @@ mod tests {
     use rand::rngs::StdRng;
 
     fn learner(config: ClassLearningConfig) -> ClassLearner {
-        ClassLearner::new(config, input(), 8, Device::Cpu).unwrap()
+        ClassLearner::new(config, input(), 8, test_device()).unwrap()
     }
 
     #[test]

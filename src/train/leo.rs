@@ -743,6 +743,7 @@ struct LeoMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::test_device;
 
     fn rows(values: &[Vec<f64>]) -> Tensor {
         Tensor::from_slice(&values.concat()).view([values.len() as i64, -1])
@@ -850,8 +851,10 @@ mod tests {
             scale: 3.0,
             ..small_config()
         };
-        let mut leo = Leo::new(d as i64, &config, Device::Cpu).unwrap();
+        let mut leo = Leo::new(d as i64, &config, test_device()).unwrap();
         leo.vs.double();
+        // The inner loop takes prepared inputs: on the parameters' device.
+        let on_device = |t: Tensor| t.to_device(leo.vs.device());
         // Decoder rows 0..D give the mean, rows D..2D the log σ (unused at inference).
         let a = vec![vec![1.0, -0.5], vec![0.3, 0.8], vec![-0.7, 0.2]];
         let b = vec![0.1, -0.2, 0.05];
@@ -872,16 +875,10 @@ mod tests {
         let labels = [0i64, 1, 1];
         let existing = vec![vec![0.0, 0.6, 0.8]];
         let targets = leo.targets(&labels, 1).unwrap();
-        let zt = rows(&z).set_requires_grad(true);
+        let zt = on_device(rows(&z)).set_requires_grad(true);
+        let (support_t, existing_t) = (on_device(rows(&support)), on_device(rows(&existing)));
         let got = leo
-            .inner_loop(
-                &zt,
-                &rows(&support),
-                &targets,
-                &rows(&existing),
-                None,
-                false,
-            )
+            .inner_loop(&zt, &support_t, &targets, &existing_t, None, false)
             .unwrap();
         let want = brute_force_step(&a, &b, &z, &alpha, &support, &[1, 2, 2], &existing, 3.0);
         let got = to_rows(&got);
@@ -891,9 +888,15 @@ mod tests {
         assert!((got[0][0] - z[0][0]).abs() > 1e-3, "the step moves z");
         // The second-order variant computes the same values.
         let second = leo
-            .inner_loop(&zt, &rows(&support), &targets, &rows(&existing), None, true)
+            .inner_loop(&zt, &support_t, &targets, &existing_t, None, true)
             .unwrap();
-        assert!((second - rows(&got)).abs().max().double_value(&[]) < 1e-12);
+        assert!(
+            (second - on_device(rows(&got)))
+                .abs()
+                .max()
+                .double_value(&[])
+                < 1e-12
+        );
     }
 
     fn random_episode(
@@ -929,7 +932,7 @@ mod tests {
             encoder_penalty: 0.0,
             ..small_config()
         };
-        let mut leo = Leo::new(d as i64, &config, Device::Cpu).unwrap();
+        let mut leo = Leo::new(d as i64, &config, test_device()).unwrap();
         leo.vs.double();
         let mut rng = StdRng::seed_from_u64(8);
         let episode = random_episode(&mut rng, d, 2, 2, 2, 2);
@@ -974,12 +977,15 @@ mod tests {
     #[test]
     fn single_new_class_needs_existing_proxies() {
         let d = 6usize;
-        let leo = Leo::new(d as i64, &small_config(), Device::Cpu).unwrap();
+        let device = test_device();
+        let leo = Leo::new(d as i64, &small_config(), device).unwrap();
         let mut rng = StdRng::seed_from_u64(4);
+        // support_gradient takes prepared inputs, on the parameters' device.
         let support = l2_normalize_rows(&rows(&random_rows(&mut rng, 3, d)))
             .unwrap()
-            .to_kind(Kind::Float);
-        let z = Tensor::randn([1, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            .to_kind(Kind::Float)
+            .to_device(device);
+        let z = Tensor::randn([1, 3], (Kind::Float, device)).set_requires_grad(true);
         let grad_with = |existing: &Tensor| {
             let targets = leo.targets(&[0, 0, 0], existing.size()[0]).unwrap();
             leo.support_gradient(&z, &support, &targets, existing, None, false)
@@ -988,11 +994,12 @@ mod tests {
                 .max()
                 .double_value(&[])
         };
-        let none = Tensor::zeros([0, d as i64], (Kind::Float, Device::Cpu));
+        let none = Tensor::zeros([0, d as i64], (Kind::Float, device));
         assert_eq!(grad_with(&none), 0.0);
         let existing = l2_normalize_rows(&rows(&random_rows(&mut rng, 2, d)))
             .unwrap()
-            .to_kind(Kind::Float);
+            .to_kind(Kind::Float)
+            .to_device(device);
         assert!(grad_with(&existing) > 1e-4);
         // generate() works in both cases, and only the informative one moves the latent.
         let alone = leo.generate(&support, &[0, 0, 0], &none).unwrap();
@@ -1004,7 +1011,7 @@ mod tests {
     #[test]
     fn generate_returns_unit_rows_and_checks_shapes() {
         let d = 5usize;
-        let leo = Leo::new(d as i64, &small_config(), Device::Cpu).unwrap();
+        let leo = Leo::new(d as i64, &small_config(), test_device()).unwrap();
         let mut rng = StdRng::seed_from_u64(6);
         let ep = random_episode(&mut rng, d, 3, 2, 1, 4);
         let p = leo
@@ -1129,7 +1136,7 @@ mod tests {
             seed: 11,
             ..LeoConfig::default()
         };
-        let mut leo = Leo::new(d as i64, &config, Device::Cpu).unwrap();
+        let mut leo = Leo::new(d as i64, &config, test_device()).unwrap();
         let mean_loss = |leo: &Leo| {
             held.iter()
                 .map(|ep| leo.query_loss(ep).unwrap())
@@ -1149,9 +1156,15 @@ mod tests {
                 let t = leo
                     .targets(&ep.query_labels, ep.existing.size()[0])
                     .unwrap();
-                leo.episode_loss(&ep.query, &t, &ep.existing, &p)
-                    .unwrap()
-                    .double_value(&[])
+                let on_device = |x: &Tensor| leo.input(x).unwrap();
+                leo.episode_loss(
+                    &on_device(&ep.query),
+                    &t,
+                    &on_device(&ep.existing),
+                    &on_device(&p),
+                )
+                .unwrap()
+                .double_value(&[])
             })
             .sum::<f64>()
             / held.len() as f64;
@@ -1164,7 +1177,8 @@ mod tests {
     #[test]
     fn save_load_round_trip_gives_identical_proxies() {
         let d = 6usize;
-        let mut leo = Leo::new(d as i64, &small_config(), Device::Cpu).unwrap();
+        let device = test_device();
+        let mut leo = Leo::new(d as i64, &small_config(), device).unwrap();
         let mut rng = StdRng::seed_from_u64(9);
         let ep = random_episode(&mut rng, d, 2, 2, 2, 3);
         let ep = Episode {
@@ -1178,7 +1192,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         leo.save(dir.path()).unwrap();
-        let loaded = Leo::load(dir.path(), Device::Cpu).unwrap();
+        let loaded = Leo::load(dir.path(), device).unwrap();
         assert_eq!(loaded.config(), leo.config());
         let a = leo
             .generate(&ep.support, &ep.support_labels, &ep.existing)

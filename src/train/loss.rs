@@ -261,8 +261,8 @@ pub fn pair_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::test_device;
     use rand::{Rng, SeedableRng};
-    use tch::Device;
 
     /// Plain-Rust reference: double loops over all pairs.
     fn brute_force(
@@ -301,9 +301,15 @@ mod tests {
             .collect()
     }
 
+    /// Rows as an `[N, D]` f64 tensor on the device under test.
     fn tensor(rows: &[Vec<f64>]) -> Tensor {
         let flat: Vec<f64> = rows.concat();
-        Tensor::from_slice(&flat).view([rows.len() as i64, -1])
+        values(&flat).view([rows.len() as i64, -1])
+    }
+
+    /// A 1-d tensor of `v` on the device under test.
+    fn values<T: tch::kind::Element>(v: &[T]) -> Tensor {
+        Tensor::from_slice(v).to_device(test_device())
     }
 
     /// [`contrastive_loss`] on the same plain-Rust rows that [`brute_force`] takes.
@@ -317,8 +323,8 @@ mod tests {
         ri: &[i64],
         margin: f64,
     ) -> f64 {
-        let (qt, qlt, qit) = (tensor(q), Tensor::from_slice(ql), Tensor::from_slice(qi));
-        let (rt, rlt, rit) = (tensor(r), Tensor::from_slice(rl), Tensor::from_slice(ri));
+        let (qt, qlt, qit) = (tensor(q), values(ql), values(qi));
+        let (rt, rlt, rit) = (tensor(r), values(rl), values(ri));
         contrastive_loss(
             PairSide::new(&qt, &qlt, &qit),
             PairSide::new(&rt, &rlt, &rit),
@@ -357,16 +363,8 @@ mod tests {
         // masking (s < 1 − ε) would drop both.
         let one = |label: i64, id: i64| {
             contrastive_loss(
-                PairSide::new(
-                    &tensor(&q[..1]),
-                    &Tensor::from_slice(&[0i64]),
-                    &Tensor::from_slice(&[5i64]),
-                ),
-                PairSide::new(
-                    &tensor(&q[..1]),
-                    &Tensor::from_slice(&[label]),
-                    &Tensor::from_slice(&[id]),
-                ),
+                PairSide::new(&tensor(&q[..1]), &values(&[0i64]), &values(&[5i64])),
+                PairSide::new(&tensor(&q[..1]), &values(&[label]), &values(&[id])),
                 0.5,
             )
             .unwrap()
@@ -384,8 +382,8 @@ mod tests {
     fn hand_computed_case() {
         // Two anchors, 2-d: a = (1,0) label 0, b = (0.6,0.8) label 1, c = (0.8,0.6) label 0.
         let q = vec![vec![1.0, 0.0], vec![0.6, 0.8], vec![0.8, 0.6]];
-        let l = Tensor::from_slice(&[0i64, 1, 0]);
-        let ids = Tensor::from_slice(&[0i64, 1, 2]);
+        let l = values(&[0i64, 1, 0]);
+        let ids = values(&[0i64, 1, 2]);
         // a: pos c (1 − 0.8), neg b s=0.6 > 0.5 → 0.6.  b: negs a (0.6), c (0.96).
         // c: pos a (0.2), neg b 0.96.  Total 0.2+0.6+0.6+0.96+0.2+0.96 = 3.52; / 3.
         let (labels, id_values) = ([0i64, 1, 0], [0i64, 1, 2]);
@@ -412,18 +410,18 @@ mod tests {
         let (n, m, d) = (5usize, 7usize, 3usize);
         let q: Vec<f64> = (0..n * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let r: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        let ql = Tensor::from_slice(&[0i64, 1, 2, 0, 1]);
-        let qi = Tensor::from_slice(&[0i64, 1, 2, 3, 4]);
-        let rl = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0]);
-        let ri = Tensor::from_slice(&[0i64, 10, 11, 12, 4, 13, 14]);
+        let ql = values(&[0i64, 1, 2, 0, 1]);
+        let qi = values(&[0i64, 1, 2, 3, 4]);
+        let rl = values(&[0i64, 1, 2, 0, 1, 2, 0]);
+        let ri = values(&[0i64, 10, 11, 12, 4, 13, 14]);
         // Loss as a function of raw (unnormalised) query rows, normalised inside, so the
         // gradient also flows through the normalisation.
         let eval = |qv: &[f64], track: bool| {
-            let qt = Tensor::from_slice(qv)
+            let qt = values(qv)
                 .view([n as i64, d as i64])
                 .set_requires_grad(track);
             let qn = &qt / qt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
-            let rt = Tensor::from_slice(&r).view([m as i64, d as i64]);
+            let rt = values(&r).view([m as i64, d as i64]);
             let rn = &rt / rt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
             let loss = contrastive_loss(
                 PairSide::new(&qn, &ql, &qi),
@@ -521,12 +519,8 @@ mod tests {
         let loss = |r: &[Vec<f64>], rl: &[i64], ri: &[i64]| {
             PairLoss::MultiSimilarity(params)
                 .compute(
-                    PairSide::new(
-                        &tensor(&q),
-                        &Tensor::from_slice(&ql),
-                        &Tensor::from_slice(&qi),
-                    ),
-                    PairSide::new(&tensor(r), &Tensor::from_slice(rl), &Tensor::from_slice(ri)),
+                    PairSide::new(&tensor(&q), &values(&ql), &values(&qi)),
+                    PairSide::new(&tensor(r), &values(rl), &values(ri)),
                 )
                 .unwrap()
                 .double_value(&[])
@@ -550,16 +544,16 @@ mod tests {
         let (n, m, d) = (6usize, 8usize, 3usize);
         let q: Vec<f64> = (0..n * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let r: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        let ql = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]);
-        let qi = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5]);
-        let rl = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]);
-        let ri = Tensor::from_slice(&[0i64, 10, 11, 12, 4, 13, 14, 15]);
+        let ql = values(&[0i64, 1, 2, 0, 1, 2]);
+        let qi = values(&[0i64, 1, 2, 3, 4, 5]);
+        let rl = values(&[0i64, 1, 2, 0, 1, 2, 0, 1]);
+        let ri = values(&[0i64, 10, 11, 12, 4, 13, 14, 15]);
         let eval = |qv: &[f64], track: bool| {
-            let qt = Tensor::from_slice(qv)
+            let qt = values(qv)
                 .view([n as i64, d as i64])
                 .set_requires_grad(track);
             let qn = &qt / qt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
-            let rt = Tensor::from_slice(&r).view([m as i64, d as i64]);
+            let rt = values(&r).view([m as i64, d as i64]);
             let rn = &rt / rt.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
             let loss = multi_similarity_loss(
                 PairSide::new(&qn, &ql, &qi),
@@ -591,18 +585,18 @@ mod tests {
 
     #[test]
     fn shape_errors_and_empty_query() {
-        let e = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
-        let l = Tensor::from_slice(&[0i64, 1, 2]);
-        let bad = Tensor::from_slice(&[0i64, 1]);
+        let e = Tensor::zeros([3, 4], (Kind::Float, test_device()));
+        let l = values(&[0i64, 1, 2]);
+        let bad = values(&[0i64, 1]);
         assert!(
             contrastive_loss(PairSide::new(&e, &l, &bad), PairSide::new(&e, &l, &l), 0.5).is_err()
         );
-        let e5 = Tensor::zeros([3, 5], (Kind::Float, Device::Cpu));
+        let e5 = Tensor::zeros([3, 5], (Kind::Float, test_device()));
         assert!(
             contrastive_loss(PairSide::new(&e, &l, &l), PairSide::new(&e5, &l, &l), 0.5).is_err()
         );
-        let empty = Tensor::zeros([0, 4], (Kind::Float, Device::Cpu));
-        let none = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
+        let empty = Tensor::zeros([0, 4], (Kind::Float, test_device()));
+        let none = Tensor::zeros([0], (Kind::Int64, test_device()));
         let z = contrastive_loss(
             PairSide::new(&empty, &none, &none),
             PairSide::new(&e, &l, &l),

@@ -145,9 +145,10 @@ impl CrossBatchMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::test_device;
 
     fn batch(first_id: i64, n: i64, dim: i64) -> (Tensor, Tensor, Tensor) {
-        let ids = Tensor::arange_start(first_id, first_id + n, (Kind::Int64, Device::Cpu));
+        let ids = Tensor::arange_start(first_id, first_id + n, (Kind::Int64, test_device()));
         let emb = ids.to_kind(Kind::Float).view([-1, 1]).repeat([1, dim]);
         let labels = ids.remainder(3);
         (emb, labels, ids)
@@ -161,7 +162,7 @@ mod tests {
 
     #[test]
     fn fills_then_wraps_overwriting_the_oldest_rows() {
-        let mut memory = CrossBatchMemory::new(5, 2, Device::Cpu);
+        let mut memory = CrossBatchMemory::new(5, 2, test_device());
         assert!(memory.snapshot(0, None).unwrap().is_none());
         let (e, l, i) = batch(0, 3, 2);
         memory.enqueue(&e, &l, &i, 1).unwrap();
@@ -188,9 +189,10 @@ mod tests {
 
     #[test]
     fn label_zero_does_not_confuse_fullness() {
-        let mut memory = CrossBatchMemory::new(4, 1, Device::Cpu);
-        let emb = Tensor::ones([2, 1], (Kind::Float, Device::Cpu));
-        let zeros = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
+        let mut memory = CrossBatchMemory::new(4, 1, test_device());
+        let emb = Tensor::ones([2, 1], (Kind::Float, test_device()));
+        let zeros = Tensor::zeros([2], (Kind::Int64, test_device()));
+        // Ids on the CPU: enqueue moves every input to the memory's device.
         memory
             .enqueue(&emb, &zeros, &Tensor::from_slice(&[7i64, 8]), 0)
             .unwrap();
@@ -203,7 +205,7 @@ mod tests {
 
     #[test]
     fn a_batch_larger_than_the_memory_keeps_its_last_rows() {
-        let mut memory = CrossBatchMemory::new(3, 1, Device::Cpu);
+        let mut memory = CrossBatchMemory::new(3, 1, test_device());
         let (e, l, i) = batch(10, 5, 1);
         memory.enqueue(&e, &l, &i, 0).unwrap();
         assert_eq!(
@@ -214,7 +216,7 @@ mod tests {
 
     #[test]
     fn old_entries_are_ignored() {
-        let mut memory = CrossBatchMemory::new(10, 1, Device::Cpu);
+        let mut memory = CrossBatchMemory::new(10, 1, test_device());
         for step in 0..4u64 {
             let (e, l, i) = batch(step as i64 * 2, 2, 1);
             memory.enqueue(&e, &l, &i, step).unwrap();
@@ -230,9 +232,9 @@ mod tests {
 
     #[test]
     fn snapshots_are_detached_copies() {
-        let mut memory = CrossBatchMemory::new(2, 1, Device::Cpu);
-        let emb = Tensor::ones([2, 1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let ids = Tensor::from_slice(&[1i64, 2]);
+        let mut memory = CrossBatchMemory::new(2, 1, test_device());
+        let emb = Tensor::ones([2, 1], (Kind::Float, test_device())).set_requires_grad(true);
+        let ids = Tensor::from_slice(&[1i64, 2]).to_device(test_device());
         memory.enqueue(&(&emb * 2.0), &ids, &ids, 0).unwrap();
         let snap = memory.snapshot(0, None).unwrap().unwrap();
         assert!(!snap.embeddings.requires_grad());
