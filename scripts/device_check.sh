@@ -31,7 +31,7 @@ if [[ "$built_root" != "$ROOT" && ! -e "$built_root" ]]; then
 fi
 BIN="$ROOT/target/release/crossbatch"
 DEVICE="${DEVICE:-cuda:0}"
-FASHION=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+FASHION="$STAGE/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
 echo "| step | result | seconds |" >"$OUT/summary.md"
 echo "|---|---|---:|" >>"$OUT/summary.md"
@@ -78,7 +78,7 @@ done
 for device in "$DEVICE" cpu; do
     step "embed-bench-$device" 45 "$OUT/embed-bench.txt" "$BIN" bench --device "$device" \
         --skip-search --images "$FASHION" \
-        --labels /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+        --labels "$STAGE/fashion-mnist/t10k-labels-idx1-ubyte.gz"
 done
 cat "$OUT/summary.md"
 ! grep -q FAIL "$OUT/summary.md"
