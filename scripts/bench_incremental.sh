@@ -74,20 +74,21 @@ run_inc() {
 }
 
 # summary_row LABEL NAME: final R@1, average incremental R@1, final forgetting, final head
-# accuracy, mean head accuracy on the new classes of tasks ≥ 2, replay bytes, exemplars.
+# accuracy (on the test images, and on their low-fidelity renderings when the replay memory is
+# low fidelity), mean head accuracy on the new classes of tasks ≥ 2, replay bytes, exemplars.
 summary_row() {
     jq -r --arg l "$1" 'def p: if . == null then "–" else (. * 1000 | round) as $x | ($x | fabs) as $a
             | (if $x < 0 then "-" else "" end) + "\($a / 10 | floor).\($a % 10)" end;
         .tasks as $t | ($t[1:] | map(.head_accuracy_new)) as $n
-        | "| \($l) | \(.final_recall | p) | \(.average_incremental_recall | p) | \(.final_forgetting | p) | \($t[-1].head_accuracy_all | p) | \(if ($n | length) > 0 then ($n | add / length) else null end | p) | \(if .budget_bytes then "\($t[-1].replay_bytes) / \(.budget_bytes)" else "–" end) | \($t[-1].exemplars) |"' \
+        | "| \($l) | \(.final_recall | p) | \(.average_incremental_recall | p) | \(.final_forgetting | p) | \($t[-1].head_accuracy_all | p) | \($t[-1].head_accuracy_low_fidelity | p) | \(if ($n | length) > 0 then ($n | add / length) else null end | p) | \(if .budget_bytes then "\($t[-1].replay_bytes) / \(.budget_bytes)" else "–" end) | \($t[-1].exemplars) |"' \
         "$WORK_DIR/$2.json"
 }
 summary_header() {
     echo
     echo "$1"
     echo
-    echo "| config | final R@1 | avg incremental R@1 | final forgetting | final head acc | head acc new (tasks ≥ 2) | replay bytes / budget | exemplars |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| config | final R@1 | avg incremental R@1 | final forgetting | final head acc | final head acc, low-fi input | head acc new (tasks ≥ 2) | replay bytes / budget | exemplars |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 }
 
 started=$SECONDS

@@ -231,12 +231,13 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
         .with_label_values(&[&info.spec.name, &version.to_string(), &info.device])
         .set(1.0);
     tracing::info!(items = index.len(), version, "index rebuilt; ready");
+    let head = Generation::load_head(&model_dir, &info.spec.input);
     state.registry.publish_initial(Generation {
         version,
         info,
         embedder,
         index,
-        head: Generation::load_head(&model_dir),
+        head,
     });
     Ok(())
 }

@@ -220,6 +220,10 @@ pub struct TaskResult {
     pub head_accuracy_all: f64,
     /// Class head accuracy on this task's classes' test images.
     pub head_accuracy_new: f64,
+    /// Class head accuracy on all seen classes' test images rendered at the replay memory's
+    /// low fidelity (the rendering old classes are trained at); `None` unless the replay
+    /// memory stores low fidelity.
+    pub head_accuracy_low_fidelity: Option<f64>,
     /// Per-class R@1 of the seen classes, in class order.
     pub per_class_recall: Vec<f64>,
     /// Labels drawn from the replay memory while this task was trained.
@@ -272,12 +276,12 @@ impl IncrementalReport {
         let pct = |v: f64| format!("{:.1}", 100.0 * v);
         let opt = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), pct);
         let mut out = String::from(
-            "| task | classes seen | R@1 all | R@1 new | R@1 old | forgetting | head acc all | head acc new |\n\
-             |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| task | classes seen | R@1 all | R@1 new | R@1 old | forgetting | head acc all | head acc new | head acc all, low-fi input |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for t in &self.tasks {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 t.task,
                 t.classes_seen,
                 pct(t.recall_all),
@@ -286,6 +290,7 @@ impl IncrementalReport {
                 opt(t.forgetting),
                 pct(t.head_accuracy_all),
                 pct(t.head_accuracy_new),
+                opt(t.head_accuracy_low_fidelity),
             ));
         }
         let last = self.tasks.last();
@@ -545,17 +550,31 @@ pub fn run_tasks(
         let per_class = per_class_rate(&hits, &labels, seen);
         history.push(per_class.clone());
         let head = learner.head();
-        let predicted: Vec<i64> = Vec::<i64>::try_from(
-            &head
-                .predict(&embeddings.f_to_device(head.device())?)?
-                .f_argmax(1, false)?
-                .f_to_device(Device::Cpu)?,
-        )?;
-        let correct: Vec<bool> = predicted
-            .iter()
-            .zip(&labels)
-            .map(|(&row, &c)| head.labels().get(row as usize) == Some(&train.class_names[c]))
-            .collect();
+        // Whether the head's argmax is each test image's class.
+        let head_correct = |embeddings: &Tensor| -> anyhow::Result<Vec<bool>> {
+            let predicted: Vec<i64> = Vec::<i64>::try_from(
+                &head
+                    .predict(&embeddings.f_to_device(head.device())?)?
+                    .f_argmax(1, false)?
+                    .f_to_device(Device::Cpu)?,
+            )?;
+            Ok(predicted
+                .iter()
+                .zip(&labels)
+                .map(|(&row, &c)| head.labels().get(row as usize) == Some(&train.class_names[c]))
+                .collect())
+        };
+        let correct = head_correct(&embeddings)?;
+        let head_accuracy_low_fidelity = if learner.replays_low_fidelity() {
+            let rendered = values
+                .iter()
+                .map(|v| learner.low_fidelity(v))
+                .collect::<Result<Vec<_>, _>>()?;
+            let low_correct = head_correct(&embed_values(trainer, &rendered, &input)?)?;
+            rate_where(&low_correct, &labels, |_| true)
+        } else {
+            None
+        };
         let is_new = |c: usize| range.contains(&c);
         let replay = learner.replay();
         results.push(TaskResult {
@@ -568,6 +587,7 @@ pub fn run_tasks(
             forgetting: forgetting(&history),
             head_accuracy_all: rate_where(&correct, &labels, |_| true).unwrap_or(0.0),
             head_accuracy_new: rate_where(&correct, &labels, is_new).unwrap_or(0.0),
+            head_accuracy_low_fidelity,
             per_class_recall: per_class,
             replayed_labels: replayed,
             replay_bytes: replay.map_or(0, |r| r.bytes_used()),

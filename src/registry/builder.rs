@@ -116,12 +116,13 @@ impl Registry {
             info.spec.embedding_dim,
             context.index.clone(),
         ));
+        let head = Generation::load_head(model_dir, &info.spec.input);
         let generation = Arc::new(Generation {
             version,
             info,
             embedder,
             index,
-            head: Generation::load_head(model_dir),
+            head,
         });
         {
             let mut writes = self.lock_writes();

@@ -24,10 +24,11 @@ use arc_swap::ArcSwapOption;
 pub use builder::{BuildContext, BuildError, BuildProgress, SwapReport};
 pub use publisher::{LastBuild, Publisher};
 
-use crate::classify::HeadSnapshot;
+use crate::classify::{HeadSnapshot, ServedHead};
 use crate::embed::preprocess::values_from_raw;
 use crate::embed::{EmbedError, Embedder, ModelInfo};
 use crate::index::{IndexError, VectorIndex};
+use crate::model::spec::InputSpec;
 use crate::store::{NewItem, Store, StoreError};
 
 /// A model version together with the index of gallery embeddings made by that model.
@@ -41,14 +42,21 @@ pub struct Generation {
     /// The gallery embedded by this model.
     pub index: Arc<VectorIndex>,
     /// The class head published with the model, if the trainer learnt classes.
-    pub head: Option<Arc<HeadSnapshot>>,
+    pub head: Option<Arc<ServedHead>>,
 }
 
 impl Generation {
-    /// Reads the class head of the generation whose model lives in `model_dir`; a head that
-    /// cannot be read is logged and left out (classification then falls back to class means).
-    pub fn load_head(model_dir: &std::path::Path) -> Option<Arc<HeadSnapshot>> {
-        match HeadSnapshot::load(model_dir) {
+    /// Reads the class head of the generation whose model (inputs of `input`) lives in
+    /// `model_dir`; a head that cannot be read or served is logged and left out
+    /// (classification then falls back to class means).
+    pub fn load_head(model_dir: &std::path::Path, input: &InputSpec) -> Option<Arc<ServedHead>> {
+        let served = HeadSnapshot::load(model_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|head| {
+                head.map(|h| ServedHead::new(h, input).map_err(|e| e.to_string()))
+                    .transpose()
+            });
+        match served {
             Ok(head) => head.map(Arc::new),
             Err(e) => {
                 tracing::warn!("ignoring the class head: {e}");

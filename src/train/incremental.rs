@@ -24,9 +24,9 @@ use super::augment::Augment;
 use super::class_head::{ClassHead, ClassHeadConfig};
 use super::leo::{imprint, sample_episode, Leo, LeoConfig};
 use super::offline::{Batch, StepStats, Trainer};
-use super::replay::{AddReport, Candidate, ExemplarCodec, ReplayConfig, ReplayMemory};
+use super::replay::{AddReport, Candidate, ExemplarCodec, Fidelity, ReplayConfig, ReplayMemory};
 use super::TrainError;
-use crate::classify::HeadSnapshot;
+use crate::classify::{HeadSnapshot, LowFidelityInput};
 use crate::model::spec::InputSpec;
 
 /// File of the replay memory inside a checkpoint.
@@ -281,6 +281,19 @@ impl ClassLearner {
         self.replay.as_ref()
     }
 
+    /// Whether the replay memory stores old classes at low fidelity.
+    pub fn replays_low_fidelity(&self) -> bool {
+        self.replay
+            .as_ref()
+            .is_some_and(|r| r.config().fidelity == Fidelity::Low)
+    }
+
+    /// `values` (one model input) rendered as duplet twins and replay exemplars are, at the
+    /// configured replay fidelity.
+    pub fn low_fidelity(&self, values: &[f32]) -> Result<Vec<f32>, TrainError> {
+        self.codec.degrade(values)
+    }
+
     /// Whether `label` has a proxy in the head.
     pub fn knows(&self, label: &str) -> bool {
         self.head.index_of(label).is_some()
@@ -376,10 +389,15 @@ impl ClassLearner {
         let rows: Vec<Vec<f32>> = (0..n as i64)
             .map(|i| Vec::<f32>::try_from(&proxies.f_get(i)?.f_to_kind(Kind::Float)?))
             .collect::<Result<_, _>>()?;
+        let replay = &self.config.replay_memory;
         Ok(HeadSnapshot {
             labels: self.head.labels().to_vec(),
             scale: self.head.config().scale as f32,
             proxies: rows,
+            low_fidelity_input: self.replays_low_fidelity().then_some(LowFidelityInput {
+                downsample: replay.downsample,
+                jpeg_quality: replay.jpeg_quality,
+            }),
         })
     }
 
@@ -622,7 +640,6 @@ mod tests {
     use crate::model::spec::{ModelFormat, ModelSpec};
     use crate::model::test_support::test_device;
     use crate::train::loss::PairLoss;
-    use crate::train::replay::Fidelity;
     use rand::SeedableRng;
 
     fn input() -> InputSpec {
@@ -796,6 +813,36 @@ mod tests {
 
         let snapshot = l.snapshot().unwrap();
         assert_eq!(snapshot.labels, ["c0", "c1", "c2"]);
+        // The published head classifies what its old classes are trained on: the rendering
+        // of the duplet twins and exemplars, byte for byte the same when served.
+        let replay_defaults = ReplayConfig::default();
+        assert_eq!(
+            snapshot.low_fidelity_input,
+            Some(LowFidelityInput {
+                downsample: replay_defaults.downsample,
+                jpeg_quality: replay_defaults.jpeg_quality,
+            })
+        );
+        let served = crate::classify::ServedHead::new(snapshot.clone(), &input()).unwrap();
+        for v in &classes[0].values[..3] {
+            assert_eq!(served.render(v).unwrap(), l.low_fidelity(v).unwrap());
+        }
+        for config in [
+            ClassLearningConfig {
+                replay_memory: ReplayConfig {
+                    fidelity: Fidelity::Full,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            ClassLearningConfig {
+                replay: false,
+                ..Default::default()
+            },
+        ] {
+            let head = learner(config).snapshot().unwrap();
+            assert_eq!(head.low_fidelity_input, None, "full fidelity or no replay");
+        }
         let dir = tempfile::tempdir().unwrap();
         l.save(dir.path()).unwrap();
         let mut restored = learner(l.config().clone());

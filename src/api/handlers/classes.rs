@@ -8,12 +8,12 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{blocking, check_input_count, checked_k, embed_inputs, live_generation};
+use super::{blocking, check_input_count, checked_k, live_generation, prepare_inputs};
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
 use crate::api::input::{prepare_all, InputPayload};
 use crate::api::AppState;
-use crate::classify::{class_mean, predict, Prediction};
+use crate::classify::{class_mean, cosine, predict, Prediction};
 use crate::store::{ClassExample, NewItem};
 
 /// Longest accepted class label, in bytes.
@@ -177,7 +177,11 @@ pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, 
     let head_labels: HashSet<String> = state
         .registry
         .live()
-        .and_then(|g| g.head.as_ref().map(|h| h.labels.iter().cloned().collect()))
+        .and_then(|g| {
+            g.head
+                .as_ref()
+                .map(|h| h.snapshot.labels.iter().cloned().collect())
+        })
         .unwrap_or_default();
     let classes: Vec<Value> = records
         .into_iter()
@@ -221,7 +225,8 @@ pub struct ClassifyResponse {
     predictions: Vec<Vec<Prediction>>,
 }
 
-/// Label probabilities for each input from the live generation's class head, with labels the
+/// Label probabilities for each input from the live generation's class head (on the input's
+/// low-fidelity rendering when the head was trained with low-fidelity replay), with labels the
 /// head has not learnt yet scored by the normalised mean of their indexed items.
 pub async fn classify(
     State(state): State<AppState>,
@@ -230,11 +235,32 @@ pub async fn classify(
     check_input_count(&state, request.inputs.len(), "inputs")?;
     let k = checked_k(&state, request.k, DEFAULT_K)?;
     let generation = live_generation(&state)?;
-    let embeddings = embed_inputs(&generation, request.inputs).await?;
+    let values = prepare_inputs(&generation, request.inputs).await?;
+    let n = values.len();
+    // The renderings the head classifies, embedded in the same call as the inputs.
+    let rendered = match generation.head.clone() {
+        Some(head) if head.renders_inputs() => {
+            let inputs = values.clone();
+            blocking(move || {
+                inputs
+                    .iter()
+                    .map(|v| head.render(v))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(ApiError::internal)
+            })
+            .await?
+        }
+        _ => Vec::new(),
+    };
+    let mut embeddings = generation
+        .embedder
+        .embed(values.into_iter().chain(rendered).collect())
+        .await?;
+    let head_embeddings = embeddings.split_off(n);
     let store = state.store.clone();
     let version = generation.version;
     let predictions = blocking(move || {
-        let head = generation.head.as_deref();
+        let head = generation.head.as_deref().map(|h| &h.snapshot);
         let known: HashSet<&str> = head
             .map(|h| h.labels.iter().map(String::as_str).collect())
             .unwrap_or_default();
@@ -253,22 +279,29 @@ pub async fn classify(
                 means.insert(label, mean);
             }
         }
-        let scale = head.map_or(FALLBACK_SCALE, |h| h.scale);
-        let candidates: Vec<(&str, &[f32])> = head
-            .into_iter()
-            .flat_map(|h| h.classes())
-            .chain(means.iter().map(|(l, m)| (l.as_str(), m.as_slice())))
-            .collect();
-        if candidates.is_empty() {
+        if head.is_none_or(|h| h.labels.is_empty()) && means.is_empty() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "no_classes",
                 "no class is known yet: upload labelled items or POST /v1/classes",
             ));
         }
+        let scale = head.map_or(FALLBACK_SCALE, |h| h.scale);
         Ok(embeddings
             .iter()
-            .map(|e| predict(e, candidates.iter().copied(), scale, k))
+            .enumerate()
+            .map(|(i, embedding)| {
+                // The head scores the input as it classifies it, class means the input itself.
+                let head_query = head_embeddings.get(i).unwrap_or(embedding);
+                let head_scores = head
+                    .into_iter()
+                    .flat_map(|h| h.classes())
+                    .map(|(label, proxy)| (label, cosine(head_query, proxy)));
+                let mean_scores = means
+                    .iter()
+                    .map(|(label, mean)| (label.as_str(), cosine(embedding, mean)));
+                predict(head_scores.chain(mean_scores), scale, k)
+            })
             .collect())
     })
     .await?;

@@ -64,6 +64,16 @@ async fn embed_inputs(
     generation: &Generation,
     inputs: Vec<crate::api::input::InputPayload>,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
+    let values = prepare_inputs(generation, inputs).await?;
+    Ok(generation.embedder.embed(values).await?)
+}
+
+/// Validates `inputs` (named `inputs[i]` in errors) and turns them into `generation`'s model
+/// input values.
+async fn prepare_inputs(
+    generation: &Generation,
+    inputs: Vec<crate::api::input::InputPayload>,
+) -> Result<Vec<Vec<f32>>, ApiError> {
     let payloads = inputs
         .into_iter()
         .enumerate()
@@ -71,8 +81,7 @@ async fn embed_inputs(
         .collect();
     let prepared =
         crate::api::input::prepare_all(payloads, generation.info.spec.input.clone()).await?;
-    let values = prepared.into_iter().map(|p| p.values).collect();
-    Ok(generation.embedder.embed(values).await?)
+    Ok(prepared.into_iter().map(|p| p.values).collect())
 }
 
 /// Runs blocking store/index work off the async runtime.
