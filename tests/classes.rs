@@ -56,23 +56,36 @@ fn glyph_images(ch: char) -> Vec<String> {
         .collect()
 }
 
-/// Fraction of `queries` (image, label) whose nearest gallery item has their label.
-fn recall_at_1(server: &Server, queries: &[(String, String)]) -> f64 {
+/// Fraction of `queries` (image, label) whose first answer from `endpoint` has their label.
+fn top1_rate(server: &Server, endpoint: Top1, queries: &[(String, String)]) -> f64 {
+    let (path, list, answers) = match endpoint {
+        Top1::NearestItem => ("/v1/search", "queries", "results"),
+        Top1::HeadClass => ("/v1/classify", "inputs", "predictions"),
+    };
     let mut hits = 0;
     for chunk in queries.chunks(32) {
         let inputs: Vec<Value> = chunk
             .iter()
             .map(|(png, _)| json!({ "image": png }))
             .collect();
-        let (status, body) = server.post("/v1/search", &json!({ "queries": inputs, "k": 1 }));
+        let (status, body) = server.post(path, &json!({ list: inputs, "k": 1 }));
         assert_eq!(status, 200, "{body}");
-        for ((_, label), result) in chunk.iter().zip(body["results"].as_array().unwrap()) {
-            if result[0]["label"].as_str() == Some(label.as_str()) {
+        for ((_, label), answer) in chunk.iter().zip(body[answers].as_array().unwrap()) {
+            if answer[0]["label"].as_str() == Some(label.as_str()) {
                 hits += 1;
             }
         }
     }
     hits as f64 / queries.len() as f64
+}
+
+/// What [`top1_rate`] asks for.
+#[derive(Clone, Copy)]
+enum Top1 {
+    /// The nearest gallery item (`/v1/search`): Recall@1.
+    NearestItem,
+    /// The most probable class (`/v1/classify`): head accuracy.
+    HeadClass,
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -100,25 +113,6 @@ fn classes_by_label(server: &Server) -> HashMap<String, Value> {
         .iter()
         .map(|c| (c["label"].as_str().unwrap().to_owned(), c.clone()))
         .collect()
-}
-
-/// Top-1 accuracy of `POST /v1/classify` on `queries` (image, label).
-fn head_accuracy(server: &Server, queries: &[(String, String)]) -> f64 {
-    let mut correct = 0;
-    for chunk in queries.chunks(64) {
-        let inputs: Vec<Value> = chunk
-            .iter()
-            .map(|(png, _)| json!({ "image": png }))
-            .collect();
-        let (status, body) = server.post("/v1/classify", &json!({ "inputs": inputs, "k": 1 }));
-        assert_eq!(status, 200, "{body}");
-        for ((_, label), p) in chunk.iter().zip(body["predictions"].as_array().unwrap()) {
-            if p[0]["label"].as_str() == Some(label.as_str()) {
-                correct += 1;
-            }
-        }
-    }
-    correct as f64 / queries.len() as f64
 }
 
 /// Stores the old classes as plain labelled items — 10 Fashion-MNIST classes and four glyph
@@ -175,12 +169,12 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
     let old_queries = store_old_classes(&server);
     let (new_images, new_queries) = new_class_images();
 
-    let old_before = recall_at_1(&server, &old_queries);
+    let old_before = top1_rate(&server, Top1::NearestItem, &old_queries);
     let (status, body) = upload(&server, "new-glyph", &new_images, true);
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["stored"], 15);
     let first_generation = body["first_generation"].as_u64().expect("first_generation");
-    let new_before = recall_at_1(&server, &new_queries);
+    let new_before = top1_rate(&server, Top1::NearestItem, &new_queries);
     let listed = classes_by_label(&server);
     assert_eq!(listed["new-glyph"]["examples"], 15);
     assert_eq!(listed["new-glyph"]["first_generation"], Value::Null);
@@ -205,8 +199,8 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
         trainer["step"].as_u64().unwrap() <= FOCUS_STEPS.parse::<u64>().unwrap() + 5,
         "published within the focus steps: {trainer}"
     );
-    let new_after = recall_at_1(&server, &new_queries);
-    let old_after = recall_at_1(&server, &old_queries);
+    let new_after = top1_rate(&server, Top1::NearestItem, &new_queries);
+    let old_after = top1_rate(&server, Top1::NearestItem, &old_queries);
     eprintln!(
         "new class R@1 {new_before:.3} → {new_after:.3}; old classes {old_before:.3} → {old_after:.3}"
     );
@@ -304,8 +298,8 @@ fn a_head_trained_with_low_fidelity_replay_classifies_low_fidelity_renderings() 
         head["low_fidelity_input"],
         json!({ "downsample": 2, "jpeg_quality": 75 })
     );
-    let old = head_accuracy(&server, &old_queries);
-    let new = head_accuracy(&server, &new_queries);
+    let old = top1_rate(&server, Top1::HeadClass, &old_queries);
+    let new = top1_rate(&server, Top1::HeadClass, &new_queries);
     eprintln!("low-fidelity head accuracy: old classes {old:.3}, new class {new:.3}");
     assert!(
         old >= MIN_LOW_FIDELITY_OLD_ACCURACY,
