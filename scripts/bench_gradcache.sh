@@ -22,46 +22,46 @@ IMAGES="${IMAGES:-/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz}"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
+# gpu_used_mib [-lms MS]: the GPU's used memory in MiB, once or every MS milliseconds.
 gpu_used_mib() {
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "${DEVICE#cuda:}" |
-        head -1 | tr -d ' '
-}
-
-# gpu_peak PID BASELINE OUT: samples the GPU's used memory while PID runs and writes the peak
-# growth over BASELINE (MiB) to OUT.
-gpu_peak() {
-    local pid=$1 baseline=$2 out=$3 peak=0 used
-    while kill -0 "$pid" 2>/dev/null; do
-        used=$(gpu_used_mib 2>/dev/null || true)
-        [[ "$used" =~ ^[0-9]+$ ]] && ((used - baseline > peak)) && peak=$((used - baseline))
-        sleep 0.1
-    done
-    echo "$peak" >"$out"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "${DEVICE#cuda:}" "$@"
 }
 
 gpu=false
 [[ "$DEVICE" == cuda* ]] && command -v nvidia-smi >/dev/null && gpu=true
 echo "| logical batch | GradCache chunk | s/step | peak RSS MB |$($gpu && echo ' peak GPU MiB |')"
 echo "|---:|---:|---:|---:|$($gpu && echo '---:|')"
+failed=0
 for batch in $BATCHES; do
     for chunk in 0 "$CHUNK"; do
-        $gpu && baseline=$(gpu_used_mib)
+        if $gpu; then
+            baseline=$(gpu_used_mib | head -1)
+            gpu_used_mib -lms 20 >"$WORK/gpu" &
+            sampler=$!
+        fi
         "$BIN" train --format idx --limit 10000 --init "$ROOT/models/default" \
             --out "$WORK/model" --steps "$STEPS" --batch-size "$batch" \
             --per-class $((batch / 10)) --norm frozen --gradcache-chunk "$chunk" \
             --threads "$THREADS" --device "$DEVICE" "$IMAGES" >"$WORK/out" 2>"$WORK/log" &
         trainer=$!
-        $gpu && gpu_peak "$trainer" "$baseline" "$WORK/gpu" &
-        if ! wait "$trainer"; then
-            echo "| $batch | $chunk | failed: $(tail -1 "$WORK/log") |"
-            wait
+        status=0
+        wait "$trainer" || status=$?
+        gpu_col=""
+        if $gpu; then
+            kill "$sampler" && wait "$sampler" || true
+            peak=$(awk -v b="$baseline" '$1 ~ /^[0-9]+$/ && $1 - b > p { p = $1 - b } END { print p + 0 }' "$WORK/gpu")
+            gpu_col=" $peak |"
+        fi
+        if ((status != 0)); then
+            echo "| $batch | $chunk | failed: $(tail -1 "$WORK/log") | – |$gpu_col"
+            failed=1
             continue
         fi
-        wait
         summary=$(grep '^trained ' "$WORK/log" | tail -1)
         seconds=$(sed -n 's/^trained [0-9]* steps in \([0-9.]*\) s.*/\1/p' <<<"$summary")
         rss=$(sed -n 's/.*peak RSS \([0-9]*\) MB.*/\1/p' <<<"$summary")
         step=$(awk -v s="$seconds" -v n="$STEPS" 'BEGIN { printf "%.3f", s / n }')
-        echo "| $batch | $([ "$chunk" = 0 ] && echo off || echo "$chunk") | $step | $rss |$($gpu && echo " $(cat "$WORK/gpu") |")"
+        echo "| $batch | $([ "$chunk" = 0 ] && echo off || echo "$chunk") | $step | $rss |$gpu_col"
     done
 done
+exit "$failed"

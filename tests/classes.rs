@@ -16,9 +16,10 @@ use serde_json::{json, Value};
 
 /// Largest allowed fall of the old classes' Recall@1 after learning the new class.
 const MAX_OLD_CLASS_DROP: f64 = 0.10;
-/// Least head accuracy on the old classes with low-fidelity replay (between the ~0.67 of
-/// classifying the images as they are and the ~0.80 of classifying their renderings).
-const MIN_LOW_FIDELITY_OLD_ACCURACY: f64 = 0.72;
+/// Least head accuracy on 700 held-out images of the old classes with low-fidelity replay
+/// (between the ~0.70 of classifying the images as they are and the ~0.79 of classifying
+/// their renderings).
+const MIN_LOW_FIDELITY_OLD_ACCURACY: f64 = 0.74;
 /// Trainer steps spent on the uploaded class before it is published.
 const FOCUS_STEPS: &str = "60";
 
@@ -116,9 +117,10 @@ fn classes_by_label(server: &Server) -> HashMap<String, Value> {
 }
 
 /// Stores the old classes as plain labelled items — 10 Fashion-MNIST classes and four glyph
-/// classes, the confusers of the new one — and returns held-out Fashion-MNIST queries.
-fn store_old_classes(server: &Server) -> Vec<(String, String)> {
-    let fashion = fashion_images(500);
+/// classes, the confusers of the new one — and returns `held_out` other Fashion-MNIST images
+/// as queries.
+fn store_old_classes(server: &Server, held_out: usize) -> Vec<(String, String)> {
+    let fashion = fashion_images(300 + held_out);
     upsert_images(server, "f", &fashion[..300]);
     for (i, ch) in ['가', '나', '다', '라'].into_iter().enumerate() {
         let images = glyph_images(ch);
@@ -166,7 +168,7 @@ fn learn_until_live(server: &Server, generation: u64) {
 fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &CLASS_TRAINER);
-    let old_queries = store_old_classes(&server);
+    let old_queries = store_old_classes(&server, 200);
     let (new_images, new_queries) = new_class_images();
 
     let old_before = top1_rate(&server, Top1::NearestItem, &old_queries);
@@ -264,8 +266,8 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
 
 /// With low-fidelity replay the old classes are trained at low fidelity only while a new one is
 /// learnt, and on the images as they are the head sends many of them to the new class
-/// (measured: ~0.67 head accuracy on the old classes). The published head says so and
-/// classifies each input's low-fidelity rendering instead (measured: ~0.80).
+/// (measured: ~0.70 head accuracy on the old classes). The published head says so and
+/// classifies each input's low-fidelity rendering instead (measured: ~0.79).
 #[test]
 fn a_head_trained_with_low_fidelity_replay_classifies_low_fidelity_renderings() {
     let dir = tempfile::tempdir().unwrap();
@@ -274,7 +276,7 @@ fn a_head_trained_with_low_fidelity_replay_classifies_low_fidelity_renderings() 
         "low",
     )];
     let server = Server::start(dir.path(), &[&CLASS_TRAINER[..], &low_fidelity].concat());
-    let old_queries = store_old_classes(&server);
+    let old_queries = store_old_classes(&server, 700);
     let (new_images, new_queries) = new_class_images();
     let (status, body) = upload(&server, "new-glyph", &new_images, true);
     assert_eq!(status, 200, "{body}");

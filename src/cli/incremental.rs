@@ -568,7 +568,7 @@ pub fn run_tasks(
         let head_accuracy_low_fidelity = if learner.replays_low_fidelity() {
             let rendered = values
                 .iter()
-                .map(|v| learner.low_fidelity(v))
+                .map(|v| learner.replay_rendering(v))
                 .collect::<Result<Vec<_>, _>>()?;
             let low_correct = head_correct(&embed_values(trainer, &rendered, &input)?)?;
             rate_where(&low_correct, &labels, |_| true)

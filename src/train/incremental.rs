@@ -290,7 +290,7 @@ impl ClassLearner {
 
     /// `values` (one model input) rendered as duplet twins and replay exemplars are, at the
     /// configured replay fidelity.
-    pub fn low_fidelity(&self, values: &[f32]) -> Result<Vec<f32>, TrainError> {
+    pub fn replay_rendering(&self, values: &[f32]) -> Result<Vec<f32>, TrainError> {
         self.codec.degrade(values)
     }
 
@@ -825,7 +825,7 @@ mod tests {
         );
         let served = crate::classify::ServedHead::new(snapshot.clone(), &input()).unwrap();
         for v in &classes[0].values[..3] {
-            assert_eq!(served.render(v).unwrap(), l.low_fidelity(v).unwrap());
+            assert_eq!(served.render(v).unwrap(), l.replay_rendering(v).unwrap());
         }
         for config in [
             ClassLearningConfig {

@@ -16,10 +16,13 @@ pub const FMNIST_IMAGES: &str = "/usr/share/datasets/fashion-mnist/t10k-images-i
 /// Labels of [`FMNIST_IMAGES`].
 pub const FMNIST_LABELS: &str = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz";
 
-/// Device the test servers run on: `CROSSBATCH_TEST_DEVICE` (`cpu` when unset), e.g. `cuda:0`
-/// on a GPU machine (`scripts/device_check.sh`).
+/// Device the test servers run on, as the server reports it (`cpu`, `cuda:N`):
+/// `CROSSBATCH_TEST_DEVICE` (`cpu` when unset; `auto`, `cuda`, `cuda:N` on a GPU machine, see
+/// `scripts/device_check.sh`).
 pub fn test_device() -> String {
-    std::env::var("CROSSBATCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_owned())
+    let wanted = std::env::var("CROSSBATCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_owned());
+    let device = crossbatch::model::parse_device(&wanted).expect("CROSSBATCH_TEST_DEVICE");
+    crossbatch::embed::batcher::device_name(device)
 }
 
 /// A running server process.

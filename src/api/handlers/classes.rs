@@ -252,10 +252,18 @@ pub async fn classify(
         }
         _ => Vec::new(),
     };
+    let rendered_count = rendered.len();
     let mut embeddings = generation
         .embedder
         .embed(values.into_iter().chain(rendered).collect())
         .await?;
+    if embeddings.len() != n + rendered_count {
+        return Err(ApiError::internal(format!(
+            "the embedder answered {} embeddings for {} inputs",
+            embeddings.len(),
+            n + rendered_count
+        )));
+    }
     let head_embeddings = embeddings.split_off(n);
     let store = state.store.clone();
     let version = generation.version;
