@@ -909,6 +909,10 @@ mod tests {
                 "{}",
                 t.replay_bytes
             );
+            // Low-fidelity replay (the default): the head is also scored on renderings.
+            assert!(t
+                .head_accuracy_low_fidelity
+                .is_some_and(|a| (0.0..=1.0).contains(&a)));
         }
         let memory = learner.replay().unwrap();
         assert!(memory.bytes_used() <= budget);
