@@ -232,6 +232,7 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
     let (_, all) = server.get("/v1/classes");
     let used = all["replay"]["used_bytes"].as_u64().unwrap();
     assert!(used > 0 && used <= all["replay"]["budget_bytes"].as_u64().unwrap());
+    assert_eq!(all["head_low_fidelity_input"], Value::Null, "full fidelity");
     assert!(listed["3"]["replay_exemplars"].as_u64().unwrap() > 0);
 
     // The head classifies held-out glyphs of the new class.
@@ -296,9 +297,11 @@ fn a_head_trained_with_low_fidelity_replay_classifies_low_fidelity_renderings() 
         &std::fs::read(PathBuf::from(model_dir).join("class_head.json")).unwrap(),
     )
     .unwrap();
+    let rendering = json!({ "downsample": 2, "jpeg_quality": 75 });
+    assert_eq!(head["low_fidelity_input"], rendering);
     assert_eq!(
-        head["low_fidelity_input"],
-        json!({ "downsample": 2, "jpeg_quality": 75 })
+        server.get("/v1/classes").1["head_low_fidelity_input"],
+        rendering
     );
     let old = top1_rate(&server, Top1::HeadClass, &old_queries);
     let new = top1_rate(&server, Top1::HeadClass, &new_queries);

@@ -165,7 +165,8 @@ pub async fn create_class(
     }))
 }
 
-/// Every class with its example counts, replay-memory share and generations.
+/// Every class with its example counts, replay-memory share and generations, and the rendering
+/// the live head classifies.
 pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let store = state.store.clone();
     let records = blocking(move || store.classes().map_err(ApiError::internal)).await?;
@@ -174,15 +175,12 @@ pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, 
         .as_ref()
         .map(|t| t.replay_status())
         .unwrap_or_default();
-    let head_labels: HashSet<String> = state
-        .registry
-        .live()
-        .and_then(|g| {
-            g.head
-                .as_ref()
-                .map(|h| h.snapshot.labels.iter().cloned().collect())
-        })
+    let live_head = state.registry.live().and_then(|g| g.head.clone());
+    let head_labels: HashSet<String> = live_head
+        .as_ref()
+        .map(|h| h.snapshot.labels.iter().cloned().collect())
         .unwrap_or_default();
+    let head_input = live_head.and_then(|h| h.snapshot.low_fidelity_input);
     let classes: Vec<Value> = records
         .into_iter()
         .map(|r| {
@@ -207,6 +205,7 @@ pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, 
     Ok(Json(json!({
         "classes": classes,
         "replay": { "budget_bytes": replay.budget_bytes, "used_bytes": replay.used_bytes },
+        "head_low_fidelity_input": head_input,
     })))
 }
 
