@@ -100,9 +100,9 @@ struct Record {
 /// Per-channel statistics of the current batch (with graph) and its example count.
 #[derive(Debug)]
 pub struct BatchStatistics {
-    /// E[x] per channel `[C]`.
+    /// E\[x\] per channel `[C]`.
     pub mean: Tensor,
-    /// E[x²] per channel `[C]`.
+    /// E\[x²\] per channel `[C]`.
     pub sq_mean: Tensor,
     /// Values per channel (N × spatial positions).
     pub count: f64,
