@@ -32,6 +32,7 @@ bench: build
 lint: setup
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --no-deps
 
 ## Stage the binaries and data of the GPU check into .device/ (README, "GPU check").
 device-stage: setup
