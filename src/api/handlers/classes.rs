@@ -209,6 +209,30 @@ pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, 
     })))
 }
 
+/// The normalised mean embedding (by model `version`) of the items of every label not in
+/// `known`, by label.
+fn class_means(
+    store: &crate::store::Store,
+    known: &HashSet<String>,
+    version: u64,
+) -> Result<HashMap<String, Vec<f32>>, ApiError> {
+    let mut means = HashMap::new();
+    for label in store.item_labels().map_err(ApiError::internal)? {
+        if known.contains(&label) {
+            continue;
+        }
+        let rows = store.label_embeddings(&label).map_err(ApiError::internal)?;
+        let current = rows
+            .iter()
+            .filter(|(_, v)| *v == version)
+            .map(|(e, _)| e.as_slice());
+        if let Some(mean) = class_mean(current) {
+            means.insert(label, mean);
+        }
+    }
+    Ok(means)
+}
+
 /// Request body of `POST /v1/classify`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,78 +259,78 @@ pub async fn classify(
     let k = checked_k(&state, request.k, DEFAULT_K)?;
     let generation = live_generation(&state)?;
     let values = prepare_inputs(&generation, request.inputs).await?;
-    let n = values.len();
-    // The renderings the head classifies, embedded in the same call as the inputs.
-    let rendered = match generation.head.clone() {
+    let head = generation.head.clone();
+    let version = generation.version;
+    // Labels the head lacks: the normalised mean of their items embedded by this model.
+    let store = state.store.clone();
+    let known: HashSet<String> = head
+        .as_ref()
+        .map(|h| h.snapshot.labels.iter().cloned().collect())
+        .unwrap_or_default();
+    let means = blocking(move || class_means(&store, &known, version)).await?;
+    if head.as_ref().is_none_or(|h| h.snapshot.labels.is_empty()) && means.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_classes",
+            "no class is known yet: upload labelled items or POST /v1/classes",
+        ));
+    }
+    // The renderings a low-fidelity head classifies; the inputs as they are are embedded only
+    // when something scores them (the head does not render, or there are class means).
+    let rendered = match head.clone() {
         Some(head) if head.renders_inputs() => {
             let inputs = values.clone();
-            blocking(move || {
+            let rendered = blocking(move || {
                 inputs
                     .iter()
                     .map(|v| head.render(v))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(ApiError::internal)
             })
-            .await?
+            .await?;
+            Some(rendered)
         }
-        _ => Vec::new(),
+        _ => None,
     };
-    let rendered_count = rendered.len();
-    let mut embeddings = generation
-        .embedder
-        .embed(values.into_iter().chain(rendered).collect())
-        .await?;
-    if embeddings.len() != n + rendered_count {
+    let renders = rendered.is_some();
+    let mut batch = if !renders || !means.is_empty() {
+        values
+    } else {
+        Vec::new()
+    };
+    let as_is = batch.len();
+    batch.extend(rendered.into_iter().flatten());
+    let expected = batch.len();
+    let mut input_embeddings = generation.embedder.embed(batch).await?;
+    if input_embeddings.len() != expected {
         return Err(ApiError::internal(format!(
-            "the embedder answered {} embeddings for {} inputs",
-            embeddings.len(),
-            n + rendered_count
+            "the embedder answered {} embeddings for {expected} inputs",
+            input_embeddings.len()
         )));
     }
-    let head_embeddings = embeddings.split_off(n);
-    let store = state.store.clone();
-    let version = generation.version;
+    let rendered_embeddings = input_embeddings.split_off(as_is);
     let predictions = blocking(move || {
-        let head = generation.head.as_deref().map(|h| &h.snapshot);
-        let known: HashSet<&str> = head
-            .map(|h| h.labels.iter().map(String::as_str).collect())
-            .unwrap_or_default();
-        // Labels the head lacks: the normalised mean of their items embedded by this model.
-        let mut means: HashMap<String, Vec<f32>> = HashMap::new();
-        for label in store.item_labels().map_err(ApiError::internal)? {
-            if known.contains(label.as_str()) {
-                continue;
-            }
-            let rows = store.label_embeddings(&label).map_err(ApiError::internal)?;
-            let current = rows
-                .iter()
-                .filter(|(_, v)| *v == version)
-                .map(|(e, _)| e.as_slice());
-            if let Some(mean) = class_mean(current) {
-                means.insert(label, mean);
-            }
-        }
-        if head.is_none_or(|h| h.labels.is_empty()) && means.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "no_classes",
-                "no class is known yet: upload labelled items or POST /v1/classes",
-            ));
-        }
+        let head = head.as_deref().map(|h| &h.snapshot);
         let scale = head.map_or(FALLBACK_SCALE, |h| h.scale);
-        Ok(embeddings
+        let head_queries = if renders {
+            &rendered_embeddings
+        } else {
+            &input_embeddings
+        };
+        Ok(head_queries
             .iter()
             .enumerate()
-            .map(|(i, embedding)| {
+            .map(|(i, head_query)| {
                 // The head scores the input as it classifies it, class means the input itself.
-                let head_query = head_embeddings.get(i).unwrap_or(embedding);
                 let head_scores = head
                     .into_iter()
                     .flat_map(|h| h.classes())
                     .map(|(label, proxy)| (label, cosine(head_query, proxy)));
-                let mean_scores = means
-                    .iter()
-                    .map(|(label, mean)| (label.as_str(), cosine(embedding, mean)));
+                let mean_scores = input_embeddings.get(i).into_iter().flat_map(|input| {
+                    means
+                        .iter()
+                        .map(|(label, mean)| (label.as_str(), cosine(input, mean)))
+                });
                 predict(head_scores.chain(mean_scores), scale, k)
             })
             .collect())
