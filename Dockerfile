@@ -5,9 +5,11 @@ FROM rust:1-bookworm AS builder
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY . .
+# torch first (the version scripts/setup.sh installs): it needs none of the sources, so this
+# layer stays cached when they change. .dockerignore keeps a local .venv out of `COPY . .`.
 RUN python3 -m venv .venv && .venv/bin/pip install --no-cache-dir torch==2.11.0
 ENV VIRTUAL_ENV=/src/.venv PATH=/src/.venv/bin:$PATH LIBTORCH_USE_PYTORCH=1
+COPY . .
 RUN cargo build --release
 # Gather torch's shared libraries and the CUDA runtime libraries the wheel depends on.
 RUN mkdir -p /opt/torch-lib \

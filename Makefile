@@ -7,6 +7,8 @@ export LIBTORCH_USE_PYTORCH := 1
 
 CARGO ?= cargo
 ARGS ?=
+# Extra `cargo test` arguments for `make test`, before its `--` (e.g. TEST_ARGS=--lib).
+TEST_ARGS ?=
 
 .PHONY: setup build run test bench lint fmt device-stage
 
@@ -23,7 +25,7 @@ run: build
 
 ## The whole test suite (unit + integration, real server, real Fashion-MNIST).
 test: setup
-	$(CARGO) test --release -- --test-threads=2
+	$(CARGO) test --release $(TEST_ARGS) -- --test-threads=2
 
 ## Benchmarks: model vs HTTP embedding throughput, HNSW vs brute force search.
 bench: build
