@@ -252,6 +252,11 @@ mod tests {
     fn unknown_keys_and_wrong_types_are_errors() {
         let env = vec![("CROSSBATCH__SERVER__ADRESS".to_string(), "x".to_string())];
         assert!(Config::load(None, env).is_err());
+        let env = vec![("CROSSBATCH__INDEX__EFSEARCH".to_string(), "128".to_string())];
+        assert!(
+            Config::load(None, env).is_err(),
+            "a misspelt index key is an error"
+        );
         let env = vec![("CROSSBATCH__INDEX__M".to_string(), "many".to_string())];
         assert!(Config::load(None, env).is_err());
     }

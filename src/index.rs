@@ -37,6 +37,7 @@ const MAX_LAYERS: usize = 16;
 
 /// HNSW construction and search parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IndexParams {
     /// Maximum number of neighbours per node and layer (`M`); clamped to `2..=256`.
     pub m: usize,
@@ -46,17 +47,6 @@ pub struct IndexParams {
     pub ef_search: usize,
     /// Capacity hint: expected number of points.
     pub max_elements: usize,
-}
-
-impl Default for IndexParams {
-    fn default() -> Self {
-        IndexParams {
-            m: 16,
-            ef_construction: 200,
-            ef_search: 64,
-            max_elements: 100_000,
-        }
-    }
 }
 
 /// One search result.
@@ -87,6 +77,24 @@ pub enum IndexError {
     /// The vector has zero norm and cannot be normalised.
     #[error("vector has zero norm")]
     ZeroVector,
+}
+
+/// The L2 norm (in f64) of a vector the index can hold: every value finite and the norm
+/// non-zero. A model can map an input to a zero or non-finite vector; such a vector has no
+/// direction to search by, so every path that indexes embeddings checks it with this.
+pub fn indexable_norm(v: &[f32]) -> Result<f64, IndexError> {
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(IndexError::NonFinite);
+    }
+    let norm = v
+        .iter()
+        .map(|x| f64::from(*x) * f64::from(*x))
+        .sum::<f64>()
+        .sqrt();
+    if norm == 0.0 || !norm.is_finite() {
+        return Err(IndexError::ZeroVector);
+    }
+    Ok(norm)
 }
 
 /// Dot-product distance for unit vectors, clamped to be non-negative: `max(0, 1 − a·b)`.
@@ -585,17 +593,7 @@ impl VectorIndex {
                 got: v.len(),
             });
         }
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(IndexError::NonFinite);
-        }
-        let norm = v
-            .iter()
-            .map(|x| f64::from(*x) * f64::from(*x))
-            .sum::<f64>()
-            .sqrt();
-        if norm == 0.0 || !norm.is_finite() {
-            return Err(IndexError::ZeroVector);
-        }
+        let norm = indexable_norm(v)?;
         Ok(v.iter().map(|x| (f64::from(*x) / norm) as f32).collect())
     }
 

@@ -10,7 +10,7 @@ use anyhow::Context;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::embed::{BatchingLimits, Embedder};
-use crate::index::VectorIndex;
+use crate::index::{indexable_norm, VectorIndex};
 use crate::metrics::Metrics;
 use crate::model::spec::ModelSpec;
 use crate::registry::builder::{embed_stored, META_ACTIVE_VERSION};
@@ -212,7 +212,14 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
         Ok(())
     };
     // The index never calls back into the store, so inserting inside the scan is safe.
+    let mut left_out = 0usize;
     store.for_each_embedding(|row| {
+        // A row the active model could not embed into an indexable vector keeps another
+        // model's embedding (see `embed_stored`); it stays out of this model's index.
+        if row.model_version != version || indexable_norm(&row.embedding).is_err() {
+            left_out += 1;
+            return Ok(());
+        }
         rows.push(row);
         if rows.len() == REBUILD_BATCH {
             insert(&mut rows)?;
@@ -220,6 +227,13 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
         Ok::<(), anyhow::Error>(())
     })?;
     insert(&mut rows)?;
+    if left_out > 0 {
+        tracing::warn!(
+            items = left_out,
+            version,
+            "stored items left out of the index: the model cannot embed them"
+        );
+    }
     state
         .metrics
         .index_rebuild_seconds

@@ -39,6 +39,21 @@ fn bad_inputs_get_4xx_with_a_code_and_change_nothing() {
         base64_of(&raw[..raw.len() / 2])
     };
 
+    // Finite values so large that the model's activations overflow: the embedding is NaN.
+    let numel = ["channels", "height", "width"]
+        .iter()
+        .map(|key| info["input"][key].as_u64().unwrap() as usize)
+        .product::<usize>();
+    let overflowing = json!({
+        "tensor": vec![3.0e38f32; numel],
+        "shape": [info["input"]["channels"], info["input"]["height"], info["input"]["width"]],
+    });
+    let with_id = |id: &str, input: &Value| {
+        let mut fields = input.clone();
+        fields["id"] = json!(id);
+        fields
+    };
+
     let item = |fields: Value| json!({ "items": [fields] });
     let cases: Vec<(&str, &str, Value, u16, &str)> = vec![
         (
@@ -196,6 +211,34 @@ fn bad_inputs_get_4xx_with_a_code_and_change_nothing() {
             "invalid_image",
         ),
         (
+            "items: input the model maps to a non-finite vector",
+            "/v1/items",
+            item(with_id("n1", &overflowing)),
+            422,
+            "degenerate_embedding",
+        ),
+        (
+            "embed: input the model maps to a non-finite vector",
+            "/v1/embed",
+            json!({ "inputs": [overflowing] }),
+            422,
+            "degenerate_embedding",
+        ),
+        (
+            "search: query the model maps to a non-finite vector",
+            "/v1/search",
+            json!({ "query": overflowing }),
+            422,
+            "degenerate_embedding",
+        ),
+        (
+            "activate: a version that is not a number",
+            "/v1/models/latest/activate",
+            json!({}),
+            404,
+            "not_found",
+        ),
+        (
             "embed: not a list",
             "/v1/embed",
             json!({ "inputs": 5 }),
@@ -237,6 +280,12 @@ fn bad_inputs_get_4xx_with_a_code_and_change_nothing() {
     assert_eq!(
         (status, got["error"]["code"].as_str()),
         (404, Some("not_found"))
+    );
+    let (status, got) = server.get("/v1/items");
+    assert_eq!(
+        (status, got["error"]["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "a known route with the wrong method: {got}"
     );
     assert_eq!(
         snapshot(&server),

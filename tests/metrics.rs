@@ -129,8 +129,42 @@ fn metrics_are_valid_prometheus_text_and_count_requests() {
         );
     }
 
+    assert_eq!(server.delete("/v1/items/absent").0, 404);
+    // A non-standard method is one `other` series, whatever its name.
+    for method in ["PURGE", "XYZZY"] {
+        let response = reqwest::blocking::Client::new()
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}/v1/items", server.url),
+            )
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 405, "{method}");
+    }
+
     let (_, text) = server.get_text("/metrics");
     let (_, samples) = parse_prometheus(&text);
+    assert_eq!(
+        value(
+            &samples,
+            "crossbatch_http_requests_total",
+            &[
+                ("route", "/v1/items"),
+                ("method", "other"),
+                ("status", "405")
+            ],
+        ),
+        2.0
+    );
+    assert!(!text.contains("PURGE") && !text.contains("XYZZY"), "{text}");
+    assert_eq!(
+        value(
+            &samples,
+            "crossbatch_rejected_requests_total",
+            &[("reason", "not_found")]
+        ),
+        1.0
+    );
     let ok_searches = value(
         &samples,
         "crossbatch_http_requests_total",
@@ -155,7 +189,8 @@ fn metrics_are_valid_prometheus_text_and_count_requests() {
             "crossbatch_rejected_requests_total",
             &[("reason", "bad_input")]
         ),
-        bad as f64
+        (bad + 2) as f64,
+        "the k = 0 searches and the two 405s"
     );
     let latency_count = value(
         &samples,

@@ -72,6 +72,8 @@ impl ApiError {
             (_, "too_many_inputs") => Some("too_many_inputs"),
             (StatusCode::PAYLOAD_TOO_LARGE, _) => Some("body_too_large"),
             (StatusCode::SERVICE_UNAVAILABLE, _) => Some("not_ready"),
+            (StatusCode::NOT_FOUND, _) => Some("not_found"),
+            (StatusCode::CONFLICT, _) => Some("conflict"),
             (status, _) if status.is_client_error() => Some("bad_input"),
             _ => None,
         }
@@ -115,6 +117,9 @@ impl From<WriteError> for ApiError {
         match error {
             WriteError::NotReady => ApiError::not_ready(),
             WriteError::Embed(e) => e.into(),
+            degenerate @ WriteError::DegenerateEmbedding { .. } => {
+                ApiError::invalid("degenerate_embedding", degenerate.to_string())
+            }
             other => ApiError::internal(other),
         }
     }

@@ -4,6 +4,7 @@ use base64::Engine;
 
 use super::error::ApiError;
 use crate::embed::preprocess::{check_tensor, decode_image};
+use crate::index::{indexable_norm, IndexError};
 use crate::model::spec::InputSpec;
 use crate::store::InputKind;
 
@@ -104,18 +105,15 @@ pub fn normalised_vector(vector: Vec<f32>, dim: usize, what: &str) -> Result<Vec
             ),
         ));
     }
-    if vector.iter().any(|v| !v.is_finite()) {
-        return Err(ApiError::invalid(
-            "invalid_vector",
-            format!("{what}: vector has non-finite values"),
-        ));
-    }
-    let norm = vector.iter().map(|v| v * v).sum::<f32>().sqrt();
-    if norm <= f32::EPSILON || !norm.is_finite() {
-        return Err(ApiError::invalid(
-            "invalid_vector",
-            format!("{what}: vector has zero norm"),
-        ));
-    }
-    Ok(vector.into_iter().map(|v| v / norm).collect())
+    let norm = indexable_norm(&vector).map_err(|e| {
+        let problem = match e {
+            IndexError::NonFinite => "non-finite values",
+            _ => "zero norm",
+        };
+        ApiError::invalid("invalid_vector", format!("{what}: vector has {problem}"))
+    })?;
+    Ok(vector
+        .into_iter()
+        .map(|v| (f64::from(v) / norm) as f32)
+        .collect())
 }

@@ -110,7 +110,7 @@ pub struct IncrementalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Replay memory: none, full (lossless) or low (downsampled JPEG) fidelity.
-    #[arg(long, value_enum, default_value = "low")]
+    #[arg(long, value_enum, default_value = "full")]
     pub replay: ReplayMode,
     /// Byte budget of the replay memory.
     #[arg(long, default_value_t = 30_000)]

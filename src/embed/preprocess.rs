@@ -13,6 +13,9 @@ pub enum PreprocessError {
     /// The bytes are not a decodable PNG or JPEG image.
     #[error("not a decodable PNG or JPEG image: {0}")]
     NotAnImage(String),
+    /// The image is wider or taller than [`MAX_IMAGE_SIDE`], or would take too much memory.
+    #[error("image too large to decode: {0}")]
+    TooLarge(String),
     /// A raw tensor's shape does not match the model input.
     #[error("tensor shape {got:?} does not match the model input shape {expected:?}")]
     WrongShape {
@@ -45,9 +48,30 @@ pub fn decode_image(bytes: &[u8], spec: &InputSpec) -> Result<Vec<f32>, Preproce
             "unsupported format {format:?}"
         )));
     }
-    let image = image::load_from_memory_with_format(bytes, format)
-        .map_err(|e| PreprocessError::NotAnImage(e.to_string()))?;
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    reader.limits(decode_limits());
+    let image = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => PreprocessError::TooLarge(e.to_string()),
+        other => PreprocessError::NotAnImage(other.to_string()),
+    })?;
     Ok(image_to_input(&image, spec))
+}
+
+/// The largest width and height of an image the server decodes. A PNG of a few kilobytes
+/// can declare a huge canvas; refusing it before decoding bounds a request's memory and
+/// resize time (a 12-megapixel photo, 4032 × 3024, still fits).
+pub const MAX_IMAGE_SIDE: u32 = 4096;
+
+/// The most memory a decoder may allocate for one image: a `MAX_IMAGE_SIDE`² image with
+/// four 16-bit channels.
+const MAX_DECODE_BYTES: u64 = MAX_IMAGE_SIDE as u64 * MAX_IMAGE_SIDE as u64 * 8;
+
+fn decode_limits() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    limits
 }
 
 /// Converts a decoded image to the model's channels, resizes it to the model's size and
@@ -80,19 +104,6 @@ pub fn image_to_input(image: &DynamicImage, spec: &InputSpec) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Preprocesses an 8-bit grayscale pixel buffer of `height × width` (as stored in IDX files).
-pub fn gray_pixels_to_input(
-    pixels: &[u8],
-    height: usize,
-    width: usize,
-    spec: &InputSpec,
-) -> Vec<f32> {
-    match image::GrayImage::from_raw(width as u32, height as u32, pixels.to_vec()) {
-        Some(gray) => image_to_input(&DynamicImage::ImageLuma8(gray), spec),
-        None => vec![0f32; spec.numel()],
-    }
 }
 
 /// Validates a raw tensor sent by a client (`values` in CHW order, already normalised).
@@ -166,6 +177,18 @@ mod tests {
             let expected = (*pixel as f32 / 255.0 - 0.5) / 0.25;
             assert!((value - expected).abs() < 1e-6, "{value} vs {expected}");
         }
+    }
+
+    #[test]
+    fn an_image_wider_than_the_limit_is_refused_before_decoding() {
+        let at_limit = DynamicImage::ImageLuma8(image::GrayImage::new(MAX_IMAGE_SIDE, 1));
+        assert!(decode_image(&png_bytes(&at_limit), &gray_spec(4)).is_ok());
+        let wider = DynamicImage::ImageLuma8(image::GrayImage::new(MAX_IMAGE_SIDE + 1, 1));
+        let error = decode_image(&png_bytes(&wider), &gray_spec(4)).unwrap_err();
+        assert!(matches!(error, PreprocessError::TooLarge(_)), "{error:?}");
+        let taller = DynamicImage::ImageLuma8(image::GrayImage::new(1, MAX_IMAGE_SIDE + 1));
+        let error = decode_image(&png_bytes(&taller), &gray_spec(4)).unwrap_err();
+        assert!(matches!(error, PreprocessError::TooLarge(_)), "{error:?}");
     }
 
     #[test]

@@ -186,15 +186,6 @@ impl ResNetSmall {
         }
     }
 
-    /// Empties every cross-iteration window and restarts burn-in (after loading weights).
-    pub fn reset_cross_iteration(&self) {
-        for unit in self.units() {
-            if let Some(cbn) = unit.cross_iteration.borrow_mut().as_mut() {
-                cbn.reset();
-            }
-        }
-    }
-
     /// Largest number of iterations any cross-iteration layer currently holds (0 without CBN).
     pub fn cross_iteration_records(&self) -> usize {
         self.units()

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::{Building, Generation, Registry, WriteError, WriteState};
 use crate::embed::preprocess::values_from_raw;
 use crate::embed::{BatchingLimits, EmbedError, Embedder};
-use crate::index::{IndexParams, VectorIndex};
+use crate::index::{indexable_norm, IndexParams, VectorIndex};
 use crate::metrics::Metrics;
 use crate::model::spec::InputSpec;
 use crate::store::{EmbeddingRefresh, InputRow, Store, StoreError};
@@ -62,6 +62,12 @@ pub enum BuildError {
     /// Another generation is being built.
     #[error("generation {0} is already being built")]
     Busy(u64),
+    /// Start-up has not made a generation live yet; builds start after it.
+    #[error("no generation is live yet")]
+    NotReady,
+    /// The build thread could not be started.
+    #[error("cannot start a build thread: {0}")]
+    Spawn(std::io::Error),
     /// The new model failed to load or to embed.
     #[error(transparent)]
     Embed(#[from] EmbedError),
@@ -106,6 +112,9 @@ impl Registry {
         if let Some(busy) = self.building_version() {
             return Err(BuildError::Busy(busy));
         }
+        if self.live().is_none() {
+            return Err(BuildError::NotReady);
+        }
         let (embedder, info) = Embedder::start(
             model_dir,
             &context.device,
@@ -129,14 +138,17 @@ impl Registry {
             if let Some(busy) = &writes.building {
                 return Err(BuildError::Busy(busy.generation.version));
             }
-            writes.building = Some(Building {
-                generation: generation.clone(),
-                touched: HashSet::new(),
-            });
+            self.set_building(
+                &mut writes,
+                Some(Building {
+                    generation: generation.clone(),
+                    touched: HashSet::new(),
+                }),
+            );
         }
         let result = self.fill_and_swap(context, &generation, progress, started);
         if result.is_err() {
-            self.lock_writes().building = None;
+            self.set_building(&mut self.lock_writes(), None);
         }
         result
     }
@@ -191,7 +203,7 @@ impl Registry {
             refreshes.extend(embedded);
             let previous = self.live().map(|g| g.version);
             self.live.store(Some(generation.clone()));
-            writes.building = None;
+            self.set_building(&mut writes, None);
             previous
         };
         let swap_seconds = swap_started.elapsed().as_secs_f64();
@@ -258,14 +270,19 @@ fn reread(
     Ok((ids, rows, embedded))
 }
 
-/// Removes the touched ids that no longer exist and inserts the embedded ones.
+/// Removes from the new index the touched ids that were not embedded again (deleted since,
+/// touched once more, or mapped to a vector the index cannot hold) and inserts the embedded
+/// ones.
 fn apply(
     generation: &Generation,
     ids: &[String],
     rows: &[InputRow],
     embedded: &[EmbeddingRefresh],
 ) -> Result<(), BuildError> {
-    apply_deletes(generation, ids, rows);
+    let fresh: HashSet<&str> = embedded.iter().map(|r| r.id.as_str()).collect();
+    for id in ids.iter().filter(|id| !fresh.contains(id.as_str())) {
+        generation.index.remove(id);
+    }
     insert(generation, rows, embedded)
 }
 
@@ -283,7 +300,9 @@ fn embed_rows(
 }
 
 /// Embeds stored inputs with `embedder` (whose model has `input` and `version`), as
-/// refreshes guarded by each row's sequence number.
+/// refreshes guarded by each row's sequence number. A row the model maps to a vector the
+/// index cannot hold is logged and left out (it keeps its stored embedding and stays out of
+/// this model's index) instead of failing the whole build or start-up.
 pub fn embed_stored(
     embedder: &Embedder,
     input: &InputSpec,
@@ -303,11 +322,21 @@ pub fn embed_stored(
     Ok(rows
         .iter()
         .zip(vectors)
-        .map(|(row, embedding)| EmbeddingRefresh {
-            id: row.id.clone(),
-            seq: row.seq,
-            embedding,
-            model_version: version,
+        .filter_map(|(row, embedding)| match indexable_norm(&embedding) {
+            Ok(_) => Some(EmbeddingRefresh {
+                id: row.id.clone(),
+                seq: row.seq,
+                embedding,
+                model_version: version,
+            }),
+            Err(problem) => {
+                tracing::warn!(
+                    id = %row.id,
+                    version,
+                    "left out: this model maps the stored input to a vector that cannot be indexed ({problem})"
+                );
+                None
+            }
         })
         .collect())
 }
@@ -334,14 +363,6 @@ fn insert(
         .collect();
     generation.index.upsert_batch(&batch)?;
     Ok(())
-}
-
-/// Removes from the new index the touched ids that no longer exist in the store.
-fn apply_deletes(generation: &Generation, ids: &[String], rows: &[InputRow]) {
-    let present: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-    for id in ids.iter().filter(|id| !present.contains(id.as_str())) {
-        generation.index.remove(id);
-    }
 }
 
 /// Sleeps so that re-embedding stays under `rate` items per second.

@@ -27,7 +27,7 @@ pub use publisher::{LastBuild, Publisher};
 use crate::classify::{HeadSnapshot, ServedHead};
 use crate::embed::preprocess::values_from_raw;
 use crate::embed::{EmbedError, Embedder, ModelInfo};
-use crate::index::{IndexError, VectorIndex};
+use crate::index::{indexable_norm, IndexError, VectorIndex};
 use crate::model::spec::InputSpec;
 use crate::store::{NewItem, Store, StoreError};
 
@@ -95,6 +95,15 @@ pub enum WriteError {
     /// Re-embedding with a generation swapped in meanwhile failed.
     #[error(transparent)]
     Embed(#[from] EmbedError),
+    /// The model maps an item's input to a vector the index cannot hold (zero or
+    /// non-finite); nothing was written.
+    #[error("item {id}: the model maps this input to a vector that cannot be indexed ({problem})")]
+    DegenerateEmbedding {
+        /// Item id.
+        id: String,
+        /// What is wrong with the vector.
+        problem: IndexError,
+    },
     /// A stored input could not be re-embedded.
     #[error("item {id}: {message}")]
     Input {
@@ -110,6 +119,9 @@ pub enum WriteError {
 #[derive(Default)]
 pub struct Registry {
     live: ArcSwapOption<Generation>,
+    /// Mirrors `WriteState::building` (set and cleared with the write lock held) so that
+    /// status requests read it without waiting for a write.
+    building: ArcSwapOption<Generation>,
     writes: Mutex<WriteState>,
 }
 
@@ -126,10 +138,15 @@ impl Registry {
 
     /// The version of the generation being built, if any.
     pub fn building_version(&self) -> Option<u64> {
-        self.lock_writes()
-            .building
-            .as_ref()
-            .map(|b| b.generation.version)
+        self.building.load().as_ref().map(|g| g.version)
+    }
+
+    /// Records the generation under construction (`None` when the build ends). Call with
+    /// the write lock held.
+    fn set_building(&self, writes: &mut WriteState, building: Option<Building>) {
+        self.building
+            .store(building.as_ref().map(|b| b.generation.clone()));
+        writes.building = building;
     }
 
     /// Makes `generation` live at start-up (no build in progress, nothing to re-embed).
@@ -173,6 +190,13 @@ impl Registry {
                 item.embedding = embedding;
                 item.model_version = live.version;
             }
+        }
+        // Checked before the commit: an item the index refuses must not reach the store.
+        for item in &items {
+            indexable_norm(&item.embedding).map_err(|problem| WriteError::DegenerateEmbedding {
+                id: item.id.clone(),
+                problem,
+            })?;
         }
         store.upsert_items(&items)?;
         let batch: Vec<_> = items

@@ -45,6 +45,9 @@ impl Publisher {
     /// Starts building generation `version` from `model_dir`; refused while another build
     /// runs. Returns at once; the swap happens when the gallery is re-embedded.
     pub fn start(self: &Arc<Self>, version: u64, model_dir: PathBuf) -> Result<(), BuildError> {
+        if self.registry.live().is_none() {
+            return Err(BuildError::NotReady);
+        }
         if self.busy.swap(true, Ordering::AcqRel) {
             return Err(BuildError::Busy(
                 self.registry.building_version().unwrap_or(version),
@@ -56,7 +59,7 @@ impl Publisher {
             .spawn(move || publisher.run(version, &model_dir));
         if let Err(e) = spawned {
             self.busy.store(false, Ordering::Release);
-            tracing::error!("cannot start a build thread: {e}");
+            return Err(BuildError::Spawn(e));
         }
         Ok(())
     }

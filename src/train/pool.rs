@@ -32,7 +32,9 @@ pub struct ExamplePool {
     pub numeric_id: HashMap<String, i64>,
     /// Decoded inputs by id, with the seq they were read at.
     pub cache: HashMap<String, (u64, Vec<f32>)>,
+    /// P×K sampler over the trainable labels; `None` while fewer than two labels qualify.
     pub sampler: Option<PkSampler>,
+    /// Labels with at least two examples (the ones a P×K batch can use).
     pub trainable_labels: usize,
 }
 

@@ -8,7 +8,9 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{blocking, check_input_count, checked_k, live_generation, prepare_inputs};
+use super::{
+    blocking, check_embeddings, check_input_count, checked_k, live_generation, prepare_inputs,
+};
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
 use crate::api::input::{prepare_all, InputPayload};
@@ -98,7 +100,9 @@ pub async fn create_class(
     let index = request.index.unwrap_or(true);
     let embeddings = if index {
         let values = prepared.iter().map(|p| p.values.clone()).collect();
-        Some(generation.embedder.embed(values).await?)
+        let embeddings = generation.embedder.embed(values).await?;
+        check_embeddings(&embeddings, |i| format!("examples[{i}]"))?;
+        Some(embeddings)
     } else {
         None
     };
@@ -308,6 +312,13 @@ pub async fn classify(
             input_embeddings.len()
         )));
     }
+    check_embeddings(&input_embeddings, |i| {
+        if i < as_is {
+            format!("inputs[{i}]")
+        } else {
+            format!("inputs[{}] (low-fidelity rendering)", i - as_is)
+        }
+    })?;
     let rendered_embeddings = input_embeddings.split_off(as_is);
     let predictions = blocking(move || {
         let head = head.as_deref().map(|h| &h.snapshot);

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::index::indexable_norm;
 use crate::registry::Generation;
 
 /// The live generation, or 503 while the server is starting.
@@ -65,7 +66,30 @@ async fn embed_inputs(
     inputs: Vec<crate::api::input::InputPayload>,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
     let values = prepare_inputs(generation, inputs).await?;
-    Ok(generation.embedder.embed(values).await?)
+    let embeddings = generation.embedder.embed(values).await?;
+    check_embeddings(&embeddings, |i| format!("inputs[{i}]"))?;
+    Ok(embeddings)
+}
+
+/// Refuses (422 `degenerate_embedding`) an answer in which the model mapped an input to a
+/// vector with no direction (zero or non-finite): it can be neither compared nor indexed.
+/// `name(i)` names input `i` in the message.
+fn check_embeddings(
+    embeddings: &[Vec<f32>],
+    name: impl Fn(usize) -> String,
+) -> Result<(), ApiError> {
+    for (i, embedding) in embeddings.iter().enumerate() {
+        if let Err(problem) = indexable_norm(embedding) {
+            return Err(ApiError::invalid(
+                "degenerate_embedding",
+                format!(
+                    "{}: the model maps this input to a vector that cannot be compared ({problem})",
+                    name(i)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Validates `inputs` (named `inputs[i]` in errors) and turns them into `generation`'s model

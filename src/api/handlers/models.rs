@@ -4,7 +4,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::blocking;
+use super::{blocking, live_generation};
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::registry::{BuildError, LastBuild};
@@ -96,8 +96,12 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, A
 /// `POST /v1/models/{version}/activate`: rebuild that generation's index and swap it in.
 pub async fn activate_model(
     State(state): State<AppState>,
-    Path(version): Path<u64>,
+    Path(version): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let version: u64 = version
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("no generation {version:?}")))?;
+    live_generation(&state)?;
     let store = state.store.clone();
     let records = blocking(move || store.generations().map_err(ApiError::internal)).await?;
     let record = records
@@ -119,6 +123,7 @@ pub async fn activate_model(
                 "build_in_progress",
                 format!("generation {busy} is being built; try again when it is live"),
             ),
+            BuildError::NotReady => ApiError::not_ready(),
             other => ApiError::internal(other),
         })?;
     Ok((

@@ -6,7 +6,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{blocking, check_input_count, checked_k, live_generation};
+use super::{blocking, check_embeddings, check_input_count, checked_k, live_generation};
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
 use crate::api::input::{normalised_vector, prepare_all, InputPayload};
@@ -208,6 +208,7 @@ async fn query_vectors(
             .embedder
             .embed(prepared.into_iter().map(|p| p.values).collect())
             .await?;
+        check_embeddings(&embedded, |i| format!("queries[{}]", slots[i]))?;
         for (slot, vector) in slots.into_iter().zip(embedded) {
             vectors[slot] = Some(vector);
         }
