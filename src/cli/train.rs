@@ -112,6 +112,13 @@ impl ModelArgs {
                     embedding_dim: self.embedding_dim.unwrap_or(128),
                     weights: WEIGHTS_FILE.into(),
                 };
+                if self.objective.norm.pools_across_iterations() && self.objective.cbn_burnin == 0 {
+                    tracing::warn!(
+                        "cross-iteration BatchNorm from scratch without --cbn-burnin: the \
+                         statistics of earlier iterations are stale while fresh weights move \
+                         fast (the CBN paper pools only after a burn-in)"
+                    );
+                }
                 Trainer::new(spec, device, self.lr, loss)?
             }
         };

@@ -294,10 +294,11 @@ impl CrossIterationNorm {
     }
 
     /// Keeps `current` (detached, with its Taylor data when compensating) as the newest record
-    /// and drops records beyond the window.
+    /// and drops records beyond the window. Non-finite statistics are never kept: the trainer
+    /// skips the step whose loss they make NaN, and the window must not carry them on.
     fn record(&mut self, current: BatchStatistics, weights: &[&Tensor]) -> Result<(), TchError> {
         let keep = self.settings.window.saturating_sub(1);
-        if keep == 0 {
+        if keep == 0 || !all_finite(&[&current.mean, &current.sq_mean])? {
             return Ok(());
         }
         let taylor = |stat: &Tensor| -> Result<Option<Taylor>, TchError> {
@@ -320,6 +321,16 @@ impl CrossIterationNorm {
         }
         Ok(())
     }
+}
+
+/// Whether every value of every tensor is finite.
+fn all_finite(tensors: &[&Tensor]) -> Result<bool, TchError> {
+    for t in tensors {
+        if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -34,11 +34,16 @@ const REPLAY_ID_BASE: i64 = 1 << 41;
 /// Examples per class numbered apart in the focus id space.
 const IDS_PER_CLASS: i64 = 1 << 20;
 
-/// A pending class: its examples and the focus steps it has had.
+/// A pending class: its examples, the focus steps it has had and its slot in the focus id
+/// space (fixed while it is pending, so an example keeps its id from batch to batch).
 struct Pending {
     examples: ClassExamples,
     steps: usize,
+    slot: i64,
 }
+
+/// Focus id slots available below the twin id range.
+const FOCUS_SLOTS: i64 = (TWIN_ID_OFFSET - FOCUS_ID_BASE) / IDS_PER_CLASS;
 
 /// The class head, replay memory and pending classes of the online trainer.
 pub struct ClassFocus {
@@ -51,6 +56,11 @@ pub struct ClassFocus {
     /// Labels already given a proxy and offered to the replay memory in this session.
     remembered: HashSet<String>,
     replay_counter: i64,
+    /// The next pending class's focus id slot.
+    next_slot: i64,
+    /// Pending classes in the last batch [`ClassFocus::next_batch`] made; the next
+    /// [`ClassFocus::step`] counts for them only.
+    in_batch: Vec<String>,
 }
 
 impl ClassFocus {
@@ -71,6 +81,8 @@ impl ClassFocus {
             learnt: Vec::new(),
             remembered: HashSet::new(),
             replay_counter: 0,
+            next_slot: 0,
+            in_batch: Vec::new(),
         })
     }
 
@@ -127,7 +139,14 @@ impl ClassFocus {
             if class.values.is_empty() {
                 continue; // deleted since the listing
             }
-            let steps = self.pending.get(label).map_or(0, |p| p.steps);
+            let (steps, slot) = match self.pending.get(label) {
+                Some(known) => (known.steps, known.slot),
+                None => {
+                    let slot = self.next_slot;
+                    self.next_slot = (self.next_slot + 1) % FOCUS_SLOTS;
+                    (0, slot)
+                }
+            };
             self.learner
                 .add_classes(trainer, std::slice::from_ref(&class))?;
             self.pending.insert(
@@ -135,6 +154,7 @@ impl ClassFocus {
                 Pending {
                     examples: class,
                     steps,
+                    slot,
                 },
             );
         }
@@ -182,6 +202,7 @@ impl ClassFocus {
         rng: &mut StdRng,
     ) -> Result<Option<FlatBatch>, TrainError> {
         let mut batch = FlatBatch::default();
+        self.in_batch.clear();
         if self.pending.is_empty() {
             let Some(indices) = pool.sampler.as_mut().map(PkSampler::next_batch) else {
                 return Ok(None);
@@ -189,17 +210,23 @@ impl ClassFocus {
             pool.push_batch(store, &indices, &self.input, &mut batch)?;
             return Ok(Some(batch));
         }
-        for (slot, (label, pending)) in self.pending.iter().take(p.max(1)).enumerate() {
+        // The P pending classes that have had the fewest focus steps (label order among
+        // equals), so that with more than P pending classes every one gets its turn.
+        let mut turn: Vec<(&String, &Pending)> = self.pending.iter().collect();
+        turn.sort_by_key(|(_, pending)| pending.steps);
+        turn.truncate(p.max(1));
+        for (label, pending) in turn {
             let class = &pending.examples;
             let picks: Vec<(&[f32], i64)> = (0..k.max(2))
                 .map(|_| {
                     let i = rng.gen_range(0..class.values.len());
-                    let id = FOCUS_ID_BASE + slot as i64 * IDS_PER_CLASS + i as i64;
+                    let id = FOCUS_ID_BASE + pending.slot * IDS_PER_CLASS + i as i64;
                     (class.values[i].as_slice(), id)
                 })
                 .collect();
             self.learner
                 .push_examples(&mut batch, label, &picks, TWIN_ID_OFFSET)?;
+            self.in_batch.push(label.clone());
         }
         let replay = self.learner.config().replay_per_batch;
         if self.learner.replay().is_some_and(|r| !r.is_empty()) {
@@ -216,8 +243,9 @@ impl ClassFocus {
         Ok(Some(batch))
     }
 
-    /// One step on `batch`; while focusing, counts it for every pending class and, once they
-    /// all had `focus_steps`, remembers them, adapts the classifier and meta-trains LEO.
+    /// One step on `batch`; while focusing, counts it for the pending classes the batch
+    /// holds and, once they all had `focus_steps`, remembers them, adapts the classifier and
+    /// meta-trains LEO.
     /// Returns the step's statistics and whether a set of classes was just learnt (the
     /// trainer then publishes).
     pub fn step(
@@ -231,8 +259,10 @@ impl ClassFocus {
         let stats = self.learner.step(trainer, batch, augment, lr, rng)?;
         let mut learnt_now = false;
         if !self.pending.is_empty() {
-            for pending in self.pending.values_mut() {
-                pending.steps += 1;
+            for label in self.in_batch.drain(..) {
+                if let Some(pending) = self.pending.get_mut(&label) {
+                    pending.steps += 1;
+                }
             }
             if self.pending.values().all(|p| p.steps >= self.focus_steps) {
                 let done = std::mem::take(&mut self.pending);
@@ -301,4 +331,95 @@ fn read_class(
         class.values.push(values);
     }
     Ok(class)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::store::{ClassExample, InputKind};
+    use crate::train::incremental::tests::{class, input, trainer};
+
+    #[test]
+    fn more_pending_classes_than_a_batch_holds_each_get_their_focus_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        let labels = ["c0", "c1", "c2"];
+        for c in 0..labels.len() {
+            let examples = class(c, 4, &mut rng);
+            let stored: Vec<ClassExample> = examples
+                .ids
+                .iter()
+                .zip(&examples.values)
+                .map(|(id, values)| ClassExample {
+                    id: id.clone(),
+                    input: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    input_kind: InputKind::Tensor {
+                        shape: vec![1, 8, 8],
+                    },
+                })
+                .collect();
+            store.add_class(&examples.label, &stored, None, 0).unwrap();
+        }
+        let focus_steps = 3;
+        let config = ClassLearningConfig {
+            replay: false,
+            duplets: false,
+            adapt_every: 0,
+            focus_steps,
+            ..ClassLearningConfig::default()
+        };
+        let mut trainer = trainer();
+        let mut focus = ClassFocus::new(&config, &trainer).unwrap();
+        let mut pool = ExamplePool::default();
+        let examples = store.labelled_examples().unwrap();
+        focus
+            .refresh(&trainer, &mut pool, &store, &examples)
+            .unwrap();
+        assert_eq!(focus.pending_labels(), labels);
+
+        // Two classes per batch: three classes need at least ⌈3 × 3 / 2⌉ = 5 steps.
+        let augment = Augment::for_input(&input(), 0, false);
+        let mut batches: HashMap<String, usize> = HashMap::new();
+        let mut ids_of: HashMap<String, HashSet<i64>> = HashMap::new();
+        let mut steps = 0;
+        loop {
+            let batch = focus
+                .next_batch(&mut pool, &store, 2, 2, &mut rng)
+                .unwrap()
+                .unwrap();
+            let in_batch: HashSet<&String> = batch.labels.iter().collect();
+            assert_eq!(in_batch.len(), 2, "two pending classes per batch");
+            for label in in_batch {
+                *batches.entry(label.clone()).or_default() += 1;
+            }
+            for (label, id) in batch.labels.iter().zip(&batch.ids) {
+                ids_of.entry(label.clone()).or_default().insert(*id);
+            }
+            let (_, learnt) = focus
+                .step(&mut trainer, &batch, &augment, 1e-3, &mut rng)
+                .unwrap();
+            steps += 1;
+            if learnt {
+                break;
+            }
+            assert!(steps < 20, "never learnt: {batches:?}");
+        }
+        assert_eq!(steps, 5, "{batches:?}");
+        for label in labels {
+            assert!(batches[label] >= focus_steps, "{label}: {batches:?}");
+        }
+        assert_eq!(focus.take_learnt(), labels);
+        // An example keeps its id from batch to batch, and no two classes share one.
+        for label in labels {
+            assert!(ids_of[label].len() <= 4, "{label}: {:?}", ids_of[label]);
+            for other in labels.iter().filter(|o| **o != label) {
+                assert!(ids_of[label].is_disjoint(&ids_of[*other]));
+            }
+        }
+    }
 }

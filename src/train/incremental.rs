@@ -14,6 +14,7 @@
 //! - **LEO** ([`Leo`]; Rusu et al. 2019) to generate the proxy of a class that arrives with
 //!   few examples, meta-trained on episodes drawn from the replay memory; or imprinting (the
 //!   normalised mean embedding of its examples).
+use std::collections::HashMap;
 use std::path::Path;
 
 use rand::Rng;
@@ -69,7 +70,8 @@ pub struct ClassLearningConfig {
     pub replay_candidates: usize,
     /// Replayed exemplars per batch while new classes are learnt.
     pub replay_per_batch: usize,
-    /// Every new-class example enters the batch with its low-fidelity twin.
+    /// Every new-class example enters the batch with its low-fidelity twin (only at
+    /// `replay_memory.fidelity = "low"`: at full fidelity the twin would be an exact copy).
     pub duplets: bool,
     /// Steps between classifier adaptations (0 = never).
     pub adapt_every: usize,
@@ -217,8 +219,15 @@ pub struct ClassLearner {
     leo_trained: bool,
     /// Decayed count of appearances per head row (Balanced Softmax's prior).
     counts: Vec<f64>,
+    /// Pair-loss labels of labels the head has no row for, numbered from
+    /// [`UNKNOWN_LABEL_BASE`] and kept for the learner's life: the XBM memory keeps labels
+    /// across batches, so a number must never stand for two labels.
+    unknown_labels: HashMap<String, i64>,
     steps: usize,
 }
+
+/// Pair-loss labels of labels without a head row start here, far above any head row.
+const UNKNOWN_LABEL_BASE: i64 = 1 << 40;
 
 impl std::fmt::Debug for ClassLearner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -262,6 +271,7 @@ impl ClassLearner {
             leo,
             leo_trained: false,
             counts: Vec::new(),
+            unknown_labels: HashMap::new(),
             steps: 0,
         })
     }
@@ -401,8 +411,15 @@ impl ClassLearner {
         })
     }
 
+    /// Whether new-class examples enter batches with a low-fidelity twin: duplets on and a
+    /// lossy codec (a full-fidelity twin would only repeat the example).
+    pub fn makes_twins(&self) -> bool {
+        self.config.duplets && self.config.replay_memory.fidelity == Fidelity::Low
+    }
+
     /// Appends `class`'s examples to `batch`, each followed by its low-fidelity twin when
-    /// duplets are on (same label and augmentation, numeric id offset by `twin_id_offset`).
+    /// [`ClassLearner::makes_twins`] (same label and augmentation, numeric id offset by
+    /// `twin_id_offset`).
     pub fn push_examples(
         &self,
         batch: &mut FlatBatch,
@@ -410,9 +427,10 @@ impl ClassLearner {
         examples: &[(&[f32], i64)],
         twin_id_offset: i64,
     ) -> Result<(), TrainError> {
+        let twins = self.makes_twins();
         for (values, id) in examples {
             batch.push(values, label, *id);
-            if self.config.duplets {
+            if twins {
                 batch.push_twin(&self.codec.degrade(values)?, id + twin_id_offset);
             }
         }
@@ -456,8 +474,7 @@ impl ClassLearner {
             .iter()
             .map(|l| self.head.index_of(l).unwrap_or(-1))
             .collect();
-        // Pair-loss labels: the head row, or a number past the head for unknown labels.
-        let mut unknown: Vec<&str> = Vec::new();
+        // Pair-loss labels: the head row, or the label's own number above every head row.
         let pair_labels: Vec<i64> = batch
             .labels
             .iter()
@@ -466,11 +483,8 @@ impl ClassLearner {
                 if row >= 0 {
                     return row;
                 }
-                let at = unknown.iter().position(|u| *u == label).unwrap_or_else(|| {
-                    unknown.push(label);
-                    unknown.len() - 1
-                });
-                (self.head.len() + at) as i64
+                let next = UNKNOWN_LABEL_BASE + self.unknown_labels.len() as i64;
+                *self.unknown_labels.entry(label.clone()).or_insert(next)
             })
             .collect();
         let tensor_batch = Batch {
@@ -543,9 +557,10 @@ impl ClassLearner {
     }
 
     /// Classifier adaptation: re-trains only the head, with plain cross-entropy, on
-    /// `adapt_samples` class-balanced exemplars of the replay memory (plus `extra` examples of
-    /// classes not yet in it) embedded by the frozen network. Returns the final loss, or
-    /// `None` when there is nothing to adapt on.
+    /// `adapt_samples` class-balanced exemplars of the replay memory (plus examples of the
+    /// `extra` classes not in it, as many per class as the memory's sample gives one class)
+    /// embedded by the frozen network. Returns the final loss, or `None` when there is nothing
+    /// to adapt on.
     pub fn adapt(
         &mut self,
         trainer: &Trainer,
@@ -562,7 +577,12 @@ impl ClassLearner {
                 }
             }
         }
-        for class in extra {
+        let in_replay = |label: &str| {
+            self.replay
+                .as_ref()
+                .is_some_and(|replay| !replay.exemplars(label).is_empty())
+        };
+        for class in extra.iter().filter(|class| !in_replay(&class.label)) {
             if let Some(row) = self.head.index_of(&class.label) {
                 let per_class = self.config.adapt_samples / self.head.len().max(1);
                 for v in class.values.iter().take(per_class.max(1)) {
@@ -589,7 +609,7 @@ impl ClassLearner {
 
     /// Meta-trains LEO for `leo_meta_steps` episodes drawn from the replay memory's classes
     /// (1-way, shots up to `leo_max_shots`, embedded by the current network). Returns the mean
-    /// episode loss, or `None` without LEO or without enough classes.
+    /// episode loss, or `None` without LEO or with fewer than two classes of two exemplars.
     pub fn meta_train(
         &mut self,
         trainer: &Trainer,
@@ -608,6 +628,11 @@ impl ClassLearner {
             if values.len() >= 2 {
                 by_class.push(embed_values(trainer, &values, &self.input)?);
             }
+        }
+        // An episode scores its query against the other classes' proxies too; with a single
+        // class the cross-entropy is over one logit, constantly zero, and teaches nothing.
+        if by_class.len() < 2 {
+            return Ok(None);
         }
         let mut total = 0.0;
         let mut episodes = 0usize;
@@ -635,14 +660,15 @@ impl ClassLearner {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::spec::{ModelFormat, ModelSpec};
     use crate::model::test_support::test_device;
     use crate::train::loss::PairLoss;
     use rand::SeedableRng;
 
-    fn input() -> InputSpec {
+    /// A 1×8×8 input.
+    pub(crate) fn input() -> InputSpec {
         InputSpec {
             channels: 1,
             height: 8,
@@ -652,7 +678,8 @@ mod tests {
         }
     }
 
-    fn trainer() -> Trainer {
+    /// A small built-in network for [`input`], seeded.
+    pub(crate) fn trainer() -> Trainer {
         tch::manual_seed(21);
         let spec = ModelSpec {
             name: "toy".into(),
@@ -668,7 +695,7 @@ mod tests {
     }
 
     /// Class `c`: a bright 3×3 square at one of four positions, plus noise.
-    fn class(c: usize, n: usize, rng: &mut StdRng) -> ClassExamples {
+    pub(crate) fn class(c: usize, n: usize, rng: &mut StdRng) -> ClassExamples {
         let (oy, ox) = [(0, 0), (0, 5), (5, 0), (5, 5)][c % 4];
         let values = (0..n)
             .map(|_| {
@@ -784,6 +811,24 @@ mod tests {
                 .unwrap();
             assert!(stats.loss.is_finite());
         }
+        // Another unknown label in another batch gets another pair-loss label: the memory
+        // keeps labels across batches.
+        let mut batch = FlatBatch::default();
+        let picks: Vec<(&[f32], i64)> = (0..4)
+            .map(|i| (classes[0].values[i].as_slice(), i as i64))
+            .collect();
+        l.push_examples(&mut batch, &classes[0].label, &picks, 1000)
+            .unwrap();
+        batch.push(&classes[2].values[1], "another-unknown", 78);
+        l.step(&mut trainer, &batch, &augment, 1e-3, &mut rng)
+            .unwrap();
+        assert_eq!(
+            l.unknown_labels,
+            HashMap::from([
+                ("unknown-to-the-head".to_string(), UNKNOWN_LABEL_BASE),
+                ("another-unknown".to_string(), UNKNOWN_LABEL_BASE + 1),
+            ])
+        );
         let moved = (l.head().proxies().unwrap() - &proxies_before).abs().max();
         assert!(moved.double_value(&[]) > 0.0, "the head trains jointly");
         // Balanced Softmax's prior: classes 0 and 1 were sampled, class 2 never.
@@ -875,7 +920,13 @@ mod tests {
             None,
             "no replay yet"
         );
-        for class in &old {
+        l.remember(&trainer, &old[0]).unwrap();
+        assert_eq!(
+            l.meta_train(&trainer, &mut rng).unwrap(),
+            None,
+            "one class: every episode's loss would be constant"
+        );
+        for class in &old[1..] {
             l.remember(&trainer, class).unwrap();
         }
         assert!(l.meta_train(&trainer, &mut rng).unwrap().is_some());

@@ -32,6 +32,14 @@ pub enum TrainError {
     /// The store failed while the trainer read examples or classes.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// A step's loss was NaN or infinite; the step was skipped and nothing changed.
+    #[error("the loss is {loss} at step {step}; the step was skipped")]
+    NonFiniteLoss {
+        /// The loss value.
+        loss: f64,
+        /// The step it would have been.
+        step: usize,
+    },
     /// libtorch reported an error.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

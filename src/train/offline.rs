@@ -158,6 +158,11 @@ impl NormMode {
     fn uses_batch_statistics(self) -> bool {
         self != NormMode::Frozen
     }
+
+    /// Whether statistics are pooled over recent iterations (`cbn` and `naive`).
+    pub fn pools_across_iterations(self) -> bool {
+        matches!(self, NormMode::CrossIteration | NormMode::Naive)
+    }
 }
 
 /// BatchNorm settings of a trainer: the mode and, for the cross-iteration modes, the window
@@ -357,12 +362,6 @@ impl Trainer {
         self.opt.set_lr(lr);
         self.opt.step();
         self.steps_done += 1;
-        if !loss.is_finite() {
-            return Err(TrainError::Config(format!(
-                "loss became {loss} at step {}",
-                self.steps_done
-            )));
-        }
         Ok(StepStats {
             step: self.steps_done,
             loss,
@@ -393,6 +392,11 @@ impl Trainer {
         let n = inputs.size().first().copied().unwrap_or(0);
         let chunk = self.gradcache_chunk as i64;
         let train = self.norm.mode.uses_batch_statistics();
+        let running = if train {
+            self.running_statistics()?
+        } else {
+            Vec::new()
+        };
         let (loss, emb, memory_rows) = if chunk == 0 || n <= chunk {
             let emb = self.net.forward(&inputs, train)?;
             let (loss, rows) = self.objective(&emb, labels, ids, extra.as_deref_mut())?;
@@ -427,6 +431,22 @@ impl Trainer {
             }
             (loss, reps.f_detach()?, rows)
         };
+        let loss = loss.f_double_value(&[])?;
+        if !loss.is_finite() {
+            // Undone or checked before anything else changes: the forward pass moved the
+            // BatchNorm running statistics, the optimiser would write the non-finite gradients
+            // into the weights, and the memory would keep the batch's embeddings.
+            tch::no_grad(|| {
+                running
+                    .iter()
+                    .try_for_each(|(variable, saved)| variable.shallow_clone().f_copy_(saved))
+            })?;
+            self.opt.zero_grad();
+            return Err(TrainError::NonFiniteLoss {
+                loss,
+                step: self.steps_done + 1,
+            });
+        }
         if let Some(memory) = self
             .memory
             .as_mut()
@@ -434,7 +454,20 @@ impl Trainer {
         {
             memory.enqueue(&emb, labels, ids, self.steps_done as u64)?;
         }
-        Ok((loss.f_double_value(&[])?, emb, memory_rows))
+        Ok((loss, emb, memory_rows))
+    }
+
+    /// Each BatchNorm running statistic of the built-in network with a copy of its value
+    /// (a training-mode forward pass updates them in place; a skipped step puts them back).
+    fn running_statistics(&self) -> Result<Vec<(Tensor, Tensor)>, TrainError> {
+        let mut saved = Vec::new();
+        for (name, variable) in self.vs.variables() {
+            if name.contains("running_") {
+                let copy = variable.f_detach_copy()?;
+                saved.push((variable, copy));
+            }
+        }
+        Ok(saved)
     }
 
     /// The loss of embeddings `emb`: batch against batch, plus (once XBM has started)
@@ -969,6 +1002,62 @@ mod tests {
                     .collect::<Vec<_>>(),
             ),
             ids: Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>()),
+        }
+    }
+
+    #[test]
+    fn a_non_finite_loss_skips_the_step_and_changes_nothing() {
+        let data = toy_data(6, 4);
+        let weights = |t: &Trainer| -> Vec<(String, Tensor)> {
+            let mut all: Vec<_> = t.vs.variables().into_iter().collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            all.into_iter().map(|(n, v)| (n, v.copy())).collect()
+        };
+        for mode in [NormMode::Batch, NormMode::CrossIteration] {
+            let mut trainer = Trainer::new(spec(), test_device(), 1e-2, CONTRASTIVE).unwrap();
+            trainer
+                .set_norm(NormSettings {
+                    mode,
+                    window: 3,
+                    burnin: 0,
+                })
+                .unwrap();
+            trainer.set_memory(MemorySettings {
+                size: 64,
+                start_step: 0,
+                weight: 1.0,
+                max_age: None,
+            });
+            trainer.step(&toy_batch(&data, 8), 1e-2).unwrap();
+            let before = weights(&trainer);
+            let fill = trainer.memory_fill();
+            let steps = trainer.steps_done();
+            let records = trainer.cross_iteration_records();
+
+            let mut poisoned = toy_batch(&data, 8);
+            poisoned.inputs = poisoned.inputs.fill(f64::NAN);
+            let error = trainer.step(&poisoned, 1e-2).unwrap_err();
+            assert!(
+                matches!(error, TrainError::NonFiniteLoss { .. }),
+                "{mode:?}: {error}"
+            );
+            assert_eq!(trainer.steps_done(), steps, "{mode:?}");
+            assert_eq!(
+                trainer.memory_fill(),
+                fill,
+                "{mode:?}: the memory kept nothing"
+            );
+            assert_eq!(
+                trainer.cross_iteration_records(),
+                records,
+                "{mode:?}: the window kept nothing"
+            );
+            for ((name, old), (_, new)) in before.iter().zip(weights(&trainer)) {
+                assert!(old.equal(&new), "{mode:?}: {name} changed");
+            }
+            // Training goes on from the unchanged state.
+            let next = trainer.step(&toy_batch(&data, 8), 1e-2).unwrap();
+            assert!(next.loss.is_finite(), "{mode:?}");
         }
     }
 

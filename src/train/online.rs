@@ -520,12 +520,6 @@ fn publish(
     session: &mut Session,
 ) -> anyhow::Result<(u64, Option<f64>)> {
     let store = &context.store;
-    let live = context.publisher.registry().live().map_or(0, |g| g.version);
-    let version = handle.reserve_version(store, live)?;
-    let dir = context
-        .data_dir
-        .join("generations")
-        .join(version.to_string());
     let drift = match session.probe.as_mut() {
         Some(probe) => {
             let now = session.trainer.embed_eval(&probe.inputs)?;
@@ -534,11 +528,23 @@ fn publish(
                 .f_sum_dim_intlist([1i64].as_slice(), false, tch::Kind::Float)?
                 .f_mean(tch::Kind::Double)?
                 .f_double_value(&[])?;
+            // A model that embeds the probe set into NaN would make every write and query
+            // fail once live; it is never published.
+            anyhow::ensure!(
+                drift.is_finite(),
+                "not published: the probe embeddings are not finite (the weights diverged)"
+            );
             probe.last = now;
             Some(drift)
         }
         None => None,
     };
+    let live = context.publisher.registry().live().map_or(0, |g| g.version);
+    let version = handle.reserve_version(store, live)?;
+    let dir = context
+        .data_dir
+        .join("generations")
+        .join(version.to_string());
     let details = serde_json::json!({
         "origin": "trainer",
         "parent": session.published.last().copied().unwrap_or(session.base),
