@@ -347,6 +347,33 @@ impl VectorIndex {
         state.slots[slot].vector.as_ref().map(|v| v.to_vec())
     }
 
+    /// The live vectors of every label `wanted` accepts, by label (a snapshot).
+    pub fn vectors_by_label(
+        &self,
+        wanted: impl Fn(&str) -> bool,
+    ) -> HashMap<String, Vec<Arc<[f32]>>> {
+        let state = self.read();
+        let mut by_label: HashMap<String, Vec<Arc<[f32]>>> = HashMap::new();
+        for &slot in state.by_key.values() {
+            let Slot {
+                label: Some(label),
+                vector: Some(vector),
+                ..
+            } = &state.slots[slot]
+            else {
+                continue;
+            };
+            let label = &state.labels[*label as usize];
+            if wanted(label) {
+                by_label
+                    .entry(label.to_string())
+                    .or_default()
+                    .push(vector.clone());
+            }
+        }
+        by_label
+    }
+
     /// Live keys with their labels (a snapshot, in no particular order).
     pub fn keys(&self) -> Vec<(String, Option<String>)> {
         let state = self.read();
@@ -807,6 +834,39 @@ mod tests {
         let top = idx.search(&vecs[11], 5, None, None).unwrap();
         assert!(top.iter().all(|h| h.key != "k11"));
         assert_eq!(idx.search(&vecs[0], 1000, None, None).unwrap().len(), 299);
+    }
+
+    #[test]
+    fn vectors_by_label_holds_exactly_the_live_vectors_of_the_wanted_labels() {
+        let dim = 8;
+        let (idx, vecs) = build(30, dim, 3, 4);
+        let mut rng = StdRng::seed_from_u64(6);
+        let fresh = unit(&mut rng, dim);
+        idx.upsert("k0", Some("l0"), &fresh).unwrap(); // replaced: the old vector is gone
+        idx.upsert("k1", Some("l0"), &vecs[1]).unwrap(); // relabelled from l1
+        assert!(idx.remove("k3")); // removed from l0
+        let by_label = idx.vectors_by_label(|label| label != "l2");
+        assert_eq!(by_label.len(), 2, "l2 not wanted");
+        // Brute force: the live keys of each label from `keys()`, their vectors from `vector()`.
+        for (label, vectors) in &by_label {
+            let mut expected: Vec<Vec<f32>> = idx
+                .keys()
+                .into_iter()
+                .filter(|(_, l)| l.as_deref() == Some(label.as_str()))
+                .map(|(key, _)| idx.vector(&key).unwrap())
+                .collect();
+            let mut got: Vec<Vec<f32>> = vectors.iter().map(|v| v.to_vec()).collect();
+            let order = |a: &Vec<f32>, b: &Vec<f32>| a.partial_cmp(b).unwrap();
+            expected.sort_by(order);
+            got.sort_by(order);
+            assert_eq!(got, expected, "{label}");
+        }
+        assert_eq!(
+            by_label["l0"].len(),
+            10,
+            "10, k0 replaced, k1 joined, k3 removed"
+        );
+        assert_eq!(by_label["l1"].len(), 9, "10, k1 left");
     }
 
     #[test]

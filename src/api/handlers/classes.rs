@@ -16,6 +16,7 @@ use crate::api::error::ApiError;
 use crate::api::input::{prepare_all, InputPayload};
 use crate::api::AppState;
 use crate::classify::{class_mean, cosine, predict, Prediction};
+use crate::index::VectorIndex;
 use crate::store::{ClassExample, NewItem};
 
 /// Longest accepted class label, in bytes.
@@ -213,28 +214,16 @@ pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, 
     })))
 }
 
-/// The normalised mean embedding (by model `version`) of the items of every label not in
-/// `known`, by label.
-fn class_means(
-    store: &crate::store::Store,
-    known: &HashSet<String>,
-    version: u64,
-) -> Result<HashMap<String, Vec<f32>>, ApiError> {
-    let mut means = HashMap::new();
-    for label in store.item_labels().map_err(ApiError::internal)? {
-        if known.contains(&label) {
-            continue;
-        }
-        let rows = store.label_embeddings(&label).map_err(ApiError::internal)?;
-        let current = rows
-            .iter()
-            .filter(|(_, v)| *v == version)
-            .map(|(e, _)| e.as_slice());
-        if let Some(mean) = class_mean(current) {
-            means.insert(label, mean);
-        }
-    }
-    Ok(means)
+/// The normalised mean of the vectors `index` holds for each label not in `known`. The
+/// index belongs to the generation that embeds the queries, so both come from one model.
+fn class_means(index: &VectorIndex, known: &HashSet<String>) -> HashMap<String, Vec<f32>> {
+    index
+        .vectors_by_label(|label| !known.contains(label))
+        .into_iter()
+        .filter_map(|(label, vectors)| {
+            class_mean(vectors.iter().map(|v| &v[..])).map(|mean| (label, mean))
+        })
+        .collect()
 }
 
 /// Request body of `POST /v1/classify`.
@@ -264,14 +253,13 @@ pub async fn classify(
     let generation = live_generation(&state)?;
     let values = prepare_inputs(&generation, request.inputs).await?;
     let head = generation.head.clone();
-    let version = generation.version;
-    // Labels the head lacks: the normalised mean of their items embedded by this model.
-    let store = state.store.clone();
+    // Labels the head lacks: the normalised mean of their items in this generation's index.
+    let index = generation.index.clone();
     let known: HashSet<String> = head
         .as_ref()
         .map(|h| h.snapshot.labels.iter().cloned().collect())
         .unwrap_or_default();
-    let means = blocking(move || class_means(&store, &known, version)).await?;
+    let means = blocking(move || Ok(class_means(&index, &known))).await?;
     if head.as_ref().is_none_or(|h| h.snapshot.labels.is_empty()) && means.is_empty() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -348,7 +336,7 @@ pub async fn classify(
     })
     .await?;
     Ok(Json(ClassifyResponse {
-        model_version: version,
+        model_version: generation.version,
         predictions,
     }))
 }
