@@ -80,7 +80,7 @@ fn import_then_eval_through_the_server_matches_offline_eval() {
 }
 
 #[test]
-fn train_writes_a_model_the_server_can_load() {
+fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() {
     let out = tempfile::tempdir().unwrap();
     let model_dir = out.path().join("model");
     let model = model_dir.to_str().unwrap();

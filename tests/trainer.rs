@@ -209,7 +209,10 @@ fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
         "XBM memory in use: {trainer}"
     );
     let drift = trainer["last_drift"].as_f64().expect("drift measured");
-    assert!(drift > 0.0 && drift < 4.0, "drift {drift}");
+    eprintln!("drift between the last two generations: {drift:.4}");
+    // The self-score check above can only catch mixing when generations differ by more than
+    // it tolerates: a self-score of 0.9999 is a squared distance of 2e-4, ten times below this.
+    assert!(drift > 2e-3 && drift < 4.0, "drift {drift}");
     let (_, models) = server.get("/v1/models");
     let generations = models["generations"].as_array().unwrap();
     assert!(generations.len() >= 3, "{models}");

@@ -13,7 +13,7 @@ pub struct JsonBody<T>(pub T);
 impl<S, T> FromRequest<S> for JsonBody<T>
 where
     S: Send + Sync,
-    T: DeserializeOwned,
+    T: DeserializeOwned + Send + 'static,
 {
     type Rejection = ApiError;
 
@@ -31,8 +31,19 @@ where
                     ApiError::bad_request("invalid_body", rejection.body_text())
                 }
             })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
+        if bytes.len() <= INLINE_PARSE_BYTES {
+            return parse(&bytes);
+        }
+        // Parsing megabytes takes milliseconds of CPU: off the async workers.
+        tokio::task::spawn_blocking(move || parse(&bytes)).await?
     }
+}
+
+/// Bodies up to this size are parsed on the async runtime; larger ones on a blocking thread.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<JsonBody<T>, ApiError> {
+    serde_json::from_slice(bytes)
+        .map(JsonBody)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
 }

@@ -161,21 +161,21 @@ impl Registry {
         started: Instant,
     ) -> Result<SwapReport, BuildError> {
         let store = &context.store;
-        let mut rows = Vec::new();
-        store.for_each_input(|row| {
-            rows.push(row);
-            Ok::<(), StoreError>(())
-        })?;
-        progress.total.store(rows.len() as u64, Ordering::Relaxed);
+        // Inputs are read a chunk at a time: the gallery's inputs can be far larger than
+        // memory, and writes wait for the store only while one chunk is read. An item deleted
+        // after the listing is simply missing from its chunk (and was recorded as touched).
+        let ids = store.item_ids()?;
+        progress.total.store(ids.len() as u64, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
-        let mut refreshes = Vec::with_capacity(rows.len());
-        for chunk in rows.chunks(BUILD_BATCH) {
+        let mut refreshes = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(BUILD_BATCH) {
             let batch_started = Instant::now();
-            let embedded = embed_rows(generation, chunk)?;
+            let rows = store.inputs_of(chunk)?;
+            let embedded = embed_rows(generation, &rows)?;
             {
                 let writes = self.lock_writes();
                 let fresh = untouched(&writes, embedded);
-                insert(generation, chunk, &fresh)?;
+                insert(generation, &rows, &fresh)?;
                 refreshes.extend(fresh);
             }
             progress
@@ -208,8 +208,16 @@ impl Registry {
         };
         let swap_seconds = swap_started.elapsed().as_secs_f64();
         store.set_meta(META_ACTIVE_VERSION, &generation.version.to_string())?;
+        // The generation is live and recorded; stored embeddings that stay stale are only a
+        // cost (start-up re-embeds them), so a failed refresh does not fail the build.
         for chunk in refreshes.chunks(BUILD_BATCH * 4) {
-            store.refresh_embeddings(chunk)?;
+            if let Err(e) = store.refresh_embeddings(chunk) {
+                tracing::warn!(
+                    version = generation.version,
+                    "stored embeddings not refreshed (start-up re-embeds them): {e}"
+                );
+                break;
+            }
         }
         Ok(SwapReport {
             version: generation.version,

@@ -176,7 +176,7 @@ pub struct EmbeddingRow {
     pub seq: u64,
 }
 
-/// One live item's input, as yielded by [`Store::for_each_input`].
+/// One stored input, as [`Store::inputs_of`] returns it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputRow {
     /// Item id.
@@ -491,24 +491,14 @@ impl Store {
         Ok(())
     }
 
-    /// Streams `(id, label, input, input_kind)` of every live item, ordered by id (for
-    /// re-embedding). Same locking rules as [`Store::for_each_embedding`].
-    pub fn for_each_input<E, F>(&self, mut f: F) -> Result<(), E>
-    where
-        F: FnMut(InputRow) -> Result<(), E>,
-        E: From<StoreError>,
-    {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(StoreError::from)?;
-        let mut stmt = tx
-            .prepare("SELECT id, label, input, input_kind, seq FROM items ORDER BY id")
-            .map_err(StoreError::from)?;
-        let mut rows = stmt.query([]).map_err(StoreError::from)?;
-        while let Some(r) = rows.next().map_err(StoreError::from)? {
-            let row = input_row(r)?;
-            f(row)?;
-        }
-        Ok(())
+    /// The ids of every live item, ordered. A caller that needs their inputs reads them in
+    /// chunks with [`Store::inputs_of`], so that neither all inputs nor the store's lock are
+    /// held at once.
+    pub fn item_ids(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT id FROM items ORDER BY id")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Label and metadata of each of `ids` that exists (missing ids are simply absent from
@@ -885,13 +875,9 @@ mod tests {
             .unwrap();
         let ids: Vec<&str> = inputs.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, vec!["c", "a"]);
-        let mut inputs = Vec::new();
-        store
-            .for_each_input(|r| {
-                inputs.push(r);
-                Ok::<_, StoreError>(())
-            })
-            .unwrap();
+        let ids = store.item_ids().unwrap();
+        assert_eq!(ids, ["a", "b", "c"]);
+        let inputs = store.inputs_of(&ids).unwrap();
         assert_eq!(inputs.len(), 3);
         assert_eq!(inputs[1].id, "b");
         assert_eq!(inputs[1].input, b"b".to_vec());

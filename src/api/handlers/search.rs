@@ -1,4 +1,5 @@
 //! `POST /v1/search`: k nearest neighbours of images, tensors, vectors or stored items.
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use axum::extract::State;
@@ -35,6 +36,9 @@ pub struct QueryPayload {
 pub struct SearchFilter {
     label: Option<String>,
 }
+
+/// Search hits whose label and metadata one store call looks up.
+const METADATA_CHUNK: usize = 1024;
 
 /// Request body of `POST /v1/search`: `query` (one) or `queries` (a batch).
 #[derive(Deserialize)]
@@ -114,10 +118,23 @@ pub async fn search(
                 .observe(started.elapsed().as_secs_f64());
             all_hits.push(hits);
         }
-        let ids: Vec<String> = all_hits.iter().flatten().map(|h| h.key.clone()).collect();
-        let details = store
-            .labels_and_metadata(&ids)
-            .map_err(ApiError::internal)?;
+        let ids: Vec<String> = all_hits
+            .iter()
+            .flatten()
+            .map(|h| h.key.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        // In chunks, so that a request with many queries and a large k lets writes through
+        // between them instead of holding the store for all its lookups.
+        let mut details = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(METADATA_CHUNK) {
+            details.extend(
+                store
+                    .labels_and_metadata(chunk)
+                    .map_err(ApiError::internal)?,
+            );
+        }
         Ok(all_hits
             .into_iter()
             .map(|hits| {
