@@ -511,7 +511,8 @@ fn write_class(
     Ok(())
 }
 
-/// [`write_dataset`] without progress reporting.
+/// [`write_dataset_with_progress`] without progress reporting (for tests).
+#[cfg(test)]
 pub fn write_dataset(
     spec: &GlyphSpec,
     out: &Path,
