@@ -2,7 +2,7 @@
 //!
 //! Classes are characters (by default Hangul syllables spread over the 11,172-syllable block
 //! U+AC00..U+D7A3); the examples of a class are the same character rendered in different fonts.
-//! [`write_dataset`] writes an image folder (`ROOT/CLASS/FONT.png`, see
+//! [`write_dataset_with_progress`] writes an image folder (`ROOT/CLASS/FONT.png`, see
 //! [`crate::data::load_image_folder`]) with a `train/` and a `test/` split holding *disjoint*
 //! classes — the unseen-class protocol of deep metric learning.
 //!
@@ -154,7 +154,7 @@ pub fn is_test_class(index: usize, test_fraction: f64) -> bool {
     after > before
 }
 
-/// What [`write_dataset`] did.
+/// What [`write_dataset_with_progress`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GlyphSummary {
     /// Font files discovered.

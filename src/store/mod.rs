@@ -7,7 +7,7 @@
 //!
 //! Every item write (upsert, delete, embedding replacement) takes the next value of one global,
 //! monotonically increasing sequence number that is stored in the database and so survives
-//! restarts ([`Store::last_seq`]).
+//! restarts.
 //!
 //! [`Store`] wraps a single connection behind a [`Mutex`]; call it from blocking threads only
 //! (e.g. `tokio::task::spawn_blocking`).
