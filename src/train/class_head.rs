@@ -427,6 +427,16 @@ impl ClassHead {
         Ok(())
     }
 
+    /// Drops the proxies' accumulated gradient without stepping (the trainer skipped the step
+    /// it came from).
+    pub fn clear_grad(&mut self) -> Result<(), TrainError> {
+        let mut grad = self.proxies.grad();
+        if grad.defined() {
+            let _ = tch::no_grad(|| grad.f_zero_())?;
+        }
+        Ok(())
+    }
+
     /// Class probabilities `[N, C]`: softmax of the cosine logits without any prior, no graph.
     pub fn predict(&self, embeddings: &Tensor) -> Result<Tensor, TrainError> {
         tch::no_grad(|| Ok(self.logits(embeddings)?.f_softmax(1, Kind::Float)?))

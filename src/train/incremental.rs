@@ -519,7 +519,13 @@ impl ClassLearner {
             let rows = emb.f_index_select(0, &known)?;
             Ok(head.loss(&rows, &targets, &counts)?.f_mul_scalar(weight)?)
         };
-        let stats = trainer.step_with(&tensor_batch, lr, Some(&mut head_loss))?;
+        let stats = match trainer.step_with(&tensor_batch, lr, Some(&mut head_loss)) {
+            Ok(stats) => stats,
+            Err(skipped) => {
+                self.head.clear_grad()?;
+                return Err(skipped);
+            }
+        };
         self.head.step()?;
         Ok(stats)
     }
@@ -776,6 +782,54 @@ pub(crate) mod tests {
         let mut batch = FlatBatch::default();
         off.push_examples(&mut batch, "c0", &picks, 100).unwrap();
         assert_eq!(batch.len(), 3);
+    }
+
+    #[test]
+    fn a_skipped_step_leaves_no_gradient_behind_in_the_head() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let classes: Vec<ClassExamples> = (0..2).map(|c| class(c, 4, &mut rng)).collect();
+        let batch_of = |values: &dyn Fn(&[f32]) -> Vec<f32>| {
+            let mut batch = FlatBatch::default();
+            for class in &classes {
+                for (i, v) in class.values.iter().enumerate() {
+                    batch.push(&values(v), &class.label, i as i64);
+                }
+            }
+            batch
+        };
+        let good = batch_of(&|v| v.to_vec());
+        let poisoned = batch_of(&|v| vec![f32::NAN; v.len()]);
+        let augment = Augment::for_input(&input(), 0, false);
+        let config = ClassLearningConfig {
+            replay: false,
+            ..Default::default()
+        };
+        // Twins: one takes a poisoned step first, then both take the same good step.
+        let mut twins: Vec<(Trainer, ClassLearner)> = (0..2)
+            .map(|_| {
+                let trainer = trainer();
+                let mut l = learner(config.clone());
+                l.add_classes(&trainer, &classes).unwrap();
+                (trainer, l)
+            })
+            .collect();
+        let (trainer, l) = &mut twins[0];
+        let error = l
+            .step(trainer, &poisoned, &augment, 1e-2, &mut rng)
+            .unwrap_err();
+        assert!(matches!(error, TrainError::NonFiniteLoss { .. }), "{error}");
+        for (trainer, l) in &mut twins {
+            let mut rng = StdRng::seed_from_u64(9);
+            l.step(trainer, &good, &augment, 1e-2, &mut rng).unwrap();
+        }
+        let proxies: Vec<Tensor> = twins
+            .iter()
+            .map(|(_, l)| l.head().proxies().unwrap())
+            .collect();
+        assert!(
+            proxies[0].equal(&proxies[1]),
+            "the skipped step's head gradient leaked into the next step"
+        );
     }
 
     #[test]
