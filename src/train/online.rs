@@ -76,7 +76,7 @@ pub struct TrainerStatus {
     pub trainable_labels: usize,
     /// Uploaded classes being learnt (no generation includes them yet).
     pub pending_classes: Vec<String>,
-    /// Why the trainer cannot run, when it cannot.
+    /// Why the trainer cannot run, or why its last step failed (cleared by the next success).
     pub message: Option<String>,
 }
 
@@ -365,6 +365,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 {
                     let mut control = handle.lock();
                     control.status.state = TrainerState::Training;
+                    control.status.message = None;
                     control.status.step = current.steps;
                     control.status.loss = Some(loss);
                     control.status.memory_fill = fill;
@@ -388,6 +389,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             }
             Err(e) => {
                 tracing::warn!("trainer step failed: {e}");
+                handle.lock().status.message = Some(format!("the last step failed: {e}"));
                 pool.sampler = None;
                 std::thread::sleep(IDLE_WAIT);
             }
