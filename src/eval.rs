@@ -37,6 +37,53 @@ pub enum EvalError {
     Torch(#[from] tch::TchError),
 }
 
+/// Calls `visit(q, ranking)` for each row `q` of `embeddings` (`[N, D]`, N ≥ 2, compared by
+/// cosine similarity) with the indices of its `depth` (≤ N − 1) nearest other rows, most
+/// similar first, ties to the lower index. Exact; the similarity matrix is computed a chunk
+/// of rows at a time, so memory stays bounded for any N.
+pub fn for_each_ranking(
+    embeddings: &Tensor,
+    depth: usize,
+    mut visit: impl FnMut(usize, &[i64]),
+) -> Result<(), EvalError> {
+    let n = embeddings.size().first().copied().unwrap_or(0) as usize;
+    let emb = tch::no_grad(|| -> Result<Tensor, EvalError> {
+        let x = embeddings
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Float)?;
+        let norm = x
+            .f_norm_scalaropt_dim(2.0, [1i64].as_slice(), true)?
+            .f_clamp_min(1e-12)?;
+        Ok(x.f_div(&norm)?)
+    })?;
+    let emb_t = emb.f_tr()?;
+    let chunk = (CHUNK_ELEMENTS / n.max(1)).clamp(1, n.max(1));
+    let mut start = 0;
+    while start < n {
+        let rows = chunk.min(n - start);
+        let neighbours = tch::no_grad(|| -> Result<Vec<i64>, EvalError> {
+            let q = emb.f_narrow(0, start as i64, rows as i64)?;
+            let sim = q.f_matmul(&emb_t)?;
+            // Exclude the query itself: put it below every real similarity (≥ −1).
+            let self_index = Tensor::f_arange_start(
+                start as i64,
+                (start + rows) as i64,
+                (Kind::Int64, Device::Cpu),
+            )?
+            .f_view([-1, 1])?;
+            let sim = sim.f_scatter_value(1, &self_index, f64::NEG_INFINITY)?;
+            let (_, order) = sim.f_sort_stable(true, 1, true)?;
+            let top = order.f_narrow(1, 0, depth as i64)?.f_contiguous()?;
+            Ok(Vec::<i64>::try_from(&top.f_view([-1])?)?)
+        })?;
+        for (r, row) in neighbours.chunks(depth.max(1)).enumerate() {
+            visit(start + r, row);
+        }
+        start += rows;
+    }
+    Ok(())
+}
+
 /// Evaluates rows of `[N, D]` embeddings (any float kind and device) with one label each.
 pub fn evaluate(embeddings: &Tensor, labels: &[String]) -> Result<EvalReport, EvalError> {
     let size = embeddings.size();
@@ -63,53 +110,20 @@ pub fn evaluate(embeddings: &Tensor, labels: &[String]) -> Result<EvalReport, Ev
     let max_r = counts.values().copied().max().unwrap_or(1) - 1;
     let depth = RECALL_KS[RECALL_KS.len() - 1].max(max_r).min(n - 1);
 
-    let emb = tch::no_grad(|| -> Result<Tensor, EvalError> {
-        let x = embeddings
-            .f_to_device(Device::Cpu)?
-            .f_to_kind(Kind::Float)?;
-        let norm = x
-            .f_norm_scalaropt_dim(2.0, [1i64].as_slice(), true)?
-            .f_clamp_min(1e-12)?;
-        Ok(x.f_div(&norm)?)
-    })?;
-    let emb_t = emb.f_tr()?;
-    let chunk = (CHUNK_ELEMENTS / n).clamp(1, n);
-
     let mut hits = [0usize; RECALL_KS.len()];
     let (mut ap_sum, mut ap_count) = (0f64, 0usize);
-    let mut start = 0;
-    while start < n {
-        let rows = chunk.min(n - start);
-        let neighbours = tch::no_grad(|| -> Result<Vec<i64>, EvalError> {
-            let q = emb.f_narrow(0, start as i64, rows as i64)?;
-            let sim = q.f_matmul(&emb_t)?;
-            // Exclude the query itself: put it below every real similarity (≥ −1).
-            let self_index = Tensor::f_arange_start(
-                start as i64,
-                (start + rows) as i64,
-                (Kind::Int64, Device::Cpu),
-            )?
-            .f_view([-1, 1])?;
-            let sim = sim.f_scatter_value(1, &self_index, f64::NEG_INFINITY)?;
-            let (_, order) = sim.f_sort_stable(true, 1, true)?;
-            let top = order.f_narrow(1, 0, depth as i64)?.f_contiguous()?;
-            Ok(Vec::<i64>::try_from(&top.f_view([-1])?)?)
-        })?;
-        for (r, row) in neighbours.chunks(depth).enumerate() {
-            let q = start + r;
-            let label = classes[q];
-            let relevant: Vec<bool> = row.iter().map(|&j| classes[j as usize] == label).collect();
-            let (recall, ap) = query_metrics(&relevant, counts[&label] - 1);
-            for (h, hit) in hits.iter_mut().zip(recall) {
-                *h += usize::from(hit);
-            }
-            if let Some(ap) = ap {
-                ap_sum += ap;
-                ap_count += 1;
-            }
+    for_each_ranking(embeddings, depth, |q, row| {
+        let label = classes[q];
+        let relevant: Vec<bool> = row.iter().map(|&j| classes[j as usize] == label).collect();
+        let (recall, ap) = query_metrics(&relevant, counts[&label] - 1);
+        for (h, hit) in hits.iter_mut().zip(recall) {
+            *h += usize::from(hit);
         }
-        start += rows;
-    }
+        if let Some(ap) = ap {
+            ap_sum += ap;
+            ap_count += 1;
+        }
+    })?;
     let recall_at = RECALL_KS
         .iter()
         .zip(hits)

@@ -8,13 +8,12 @@ use base64::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
+use super::import::post_with_retry;
 use crate::data::{self, Dataset, DatasetArgs};
 use crate::embed::preprocess::image_to_input;
 use crate::eval::{evaluate_vectors, EvalReport};
 use crate::model::LoadedModel;
 
-/// Images per `/v1/embed` request.
-const SERVER_BATCH: usize = 64;
 /// Images per forward pass offline.
 const MODEL_BATCH: usize = 256;
 
@@ -37,6 +36,10 @@ pub struct EvalArgs {
     /// Device for --model: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Images per `/v1/embed` request with --server (lower it for large photos: each request
+    /// must stay under the server's body limit).
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
 }
 
 fn progress(n: usize) -> ProgressBar {
@@ -68,18 +71,28 @@ pub fn embed_with_model(model: &LoadedModel, dataset: &Dataset) -> anyhow::Resul
 
 #[derive(Deserialize)]
 struct EmbedResponse {
+    model_version: u64,
     embeddings: Vec<Vec<f32>>,
 }
 
-/// Embeds the dataset through a running server's `POST /v1/embed`.
-pub fn embed_with_server(server: &str, dataset: &Dataset) -> anyhow::Result<Vec<Vec<f32>>> {
+/// Times the whole dataset is embedded again when the server swaps generations midway.
+const SWAP_RESTARTS: usize = 3;
+
+/// Embeds the dataset through a running server's `POST /v1/embed`, `batch_size` images per
+/// request. Every embedding of the result comes from one model generation: when the server
+/// swaps generations midway (its online trainer publishes), embedding starts over. Returns
+/// the embeddings and that generation's version.
+pub fn embed_with_server(
+    server: &str,
+    dataset: &Dataset,
+    batch_size: usize,
+) -> anyhow::Result<(Vec<Vec<f32>>, u64)> {
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()?;
     let url = format!("{}/v1/embed", server.trim_end_matches('/'));
-    let bar = progress(dataset.len());
-    let mut out = Vec::with_capacity(dataset.len());
-    for chunk in dataset.samples.chunks(SERVER_BATCH) {
+    let mut requests = Vec::new();
+    for chunk in dataset.samples.chunks(batch_size.max(1)) {
         let mut inputs = Vec::with_capacity(chunk.len());
         for sample in chunk {
             let mut png = std::io::Cursor::new(Vec::new());
@@ -87,31 +100,40 @@ pub fn embed_with_server(server: &str, dataset: &Dataset) -> anyhow::Result<Vec<
             let encoded = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
             inputs.push(serde_json::json!({ "image": encoded }));
         }
-        let response = client
-            .post(&url)
-            .json(&serde_json::json!({ "inputs": inputs }))
-            .send()
-            .with_context(|| format!("POST {url}"))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().unwrap_or_default();
-            anyhow::bail!("POST {url}: {status}: {body}");
-        }
-        let body: EmbedResponse = response
-            .json()
-            .with_context(|| format!("POST {url}: bad response"))?;
-        if body.embeddings.len() != chunk.len() {
-            anyhow::bail!(
-                "POST {url}: {} embeddings for {} inputs",
-                body.embeddings.len(),
-                chunk.len()
-            );
-        }
-        out.extend(body.embeddings);
-        bar.inc(chunk.len() as u64);
+        requests.push((chunk.len(), serde_json::json!({ "inputs": inputs })));
     }
-    bar.finish_and_clear();
-    Ok(out)
+    for _ in 0..=SWAP_RESTARTS {
+        let bar = progress(dataset.len());
+        let mut out = Vec::with_capacity(dataset.len());
+        let mut version = None;
+        for (count, body) in &requests {
+            let answer = post_with_retry(&client, &url, body)?;
+            let answer: EmbedResponse = serde_json::from_value(answer)
+                .with_context(|| format!("POST {url}: bad response"))?;
+            anyhow::ensure!(
+                answer.embeddings.len() == *count,
+                "POST {url}: {} embeddings for {count} inputs",
+                answer.embeddings.len()
+            );
+            if *version.get_or_insert(answer.model_version) != answer.model_version {
+                break;
+            }
+            out.extend(answer.embeddings);
+            bar.inc(*count as u64);
+        }
+        bar.finish_and_clear();
+        match version {
+            Some(version) if out.len() == dataset.len() => return Ok((out, version)),
+            Some(version) => eprintln!(
+                "the server swapped generations (from {version}) while embedding; starting over"
+            ),
+            None => anyhow::bail!("the dataset is empty"),
+        }
+    }
+    anyhow::bail!(
+        "the server swapped generations {SWAP_RESTARTS} times during one pass over the dataset; \
+         pause its trainer (POST /v1/trainer/pause) and evaluate again"
+    )
 }
 
 /// Loads the dataset, embeds it with the chosen source and computes the report.
@@ -124,7 +146,11 @@ pub fn report(args: &EvalArgs) -> anyhow::Result<EvalReport> {
                 .with_context(|| format!("loading {}", dir.display()))?;
             embed_with_model(&model, &dataset)?
         }
-        (None, Some(server)) => embed_with_server(server, &dataset)?,
+        (None, Some(server)) => {
+            let (embeddings, version) = embed_with_server(server, &dataset, args.batch_size)?;
+            eprintln!("embedded by the server's model generation {version}");
+            embeddings
+        }
         (None, None) => anyhow::bail!("one of --model or --server is required"),
     };
     Ok(evaluate_vectors(&embeddings, &dataset.labels())?)

@@ -26,8 +26,9 @@ pub struct ImportArgs {
     pub dataset: DatasetArgs,
 }
 
-/// Most attempts for one batch answered 429 or 503 before giving up.
-const MAX_ATTEMPTS: u32 = 20;
+/// How long one request is retried while the server is busy, starting or unreachable:
+/// start-up re-embeds a large store before it answers 200.
+const RETRY_FOR: Duration = Duration::from_secs(600);
 
 /// Reads the dataset and upserts it in batches, retrying when the server says 429/503.
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
@@ -62,7 +63,13 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
                 "image": base64::engine::general_purpose::STANDARD.encode(png.into_inner()),
             }));
         }
-        post_with_retry(&client, &url, &json!({ "items": items }))?;
+        post_with_retry(&client, &url, &json!({ "items": items })).with_context(|| {
+            let first = batch_index * batch_size;
+            format!(
+                "batch {batch_index} (items {first}..{}); the {first} before it are stored",
+                first + batch.len()
+            )
+        })?;
         progress.inc(batch.len() as u64);
     }
     progress.finish();
@@ -74,28 +81,35 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// POSTs JSON, backing off while the server is busy (429) or starting (503).
+/// POSTs JSON, backing off (up to [`RETRY_FOR`]) while the server is busy (429), starting
+/// (503) or unreachable. Every caller's request is safe to repeat: a refused request changes
+/// nothing and an upsert of the same ids is idempotent.
 pub fn post_with_retry(
     client: &reqwest::blocking::Client,
     url: &str,
     body: &serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + RETRY_FOR;
     let mut delay = Duration::from_millis(50);
-    for _ in 0..MAX_ATTEMPTS {
-        let response = client
-            .post(url)
-            .json(body)
-            .send()
-            .with_context(|| format!("POST {url}"))?;
-        let status = response.status();
-        if status.as_u16() == 429 || status.as_u16() == 503 {
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(2));
-            continue;
+    loop {
+        let retry = match client.post(url).json(body).send() {
+            Ok(response) => {
+                let status = response.status();
+                if status.as_u16() == 429 || status.as_u16() == 503 {
+                    format!("answered {status}")
+                } else {
+                    let text = response.text()?;
+                    anyhow::ensure!(status.is_success(), "POST {url} answered {status}: {text}");
+                    return Ok(serde_json::from_str(&text)?);
+                }
+            }
+            Err(e) if e.is_connect() || e.is_timeout() => e.to_string(),
+            Err(e) => return Err(e).with_context(|| format!("POST {url}")),
+        };
+        if std::time::Instant::now() + delay > deadline {
+            anyhow::bail!("POST {url}: still {retry} after {RETRY_FOR:?} of retries");
         }
-        let text = response.text()?;
-        anyhow::ensure!(status.is_success(), "POST {url} answered {status}: {text}");
-        return Ok(serde_json::from_str(&text)?);
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
-    anyhow::bail!("POST {url}: server still busy after {MAX_ATTEMPTS} attempts")
 }

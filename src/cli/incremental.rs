@@ -24,11 +24,11 @@ use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::train::{preprocess, ModelArgs};
 use crate::data::{self, Dataset, DatasetArgs, Sample};
-use crate::eval::EvalError;
+use crate::eval::{for_each_ranking, EvalError};
 use crate::model::spec::InputSpec;
 use crate::train::augment::Augment;
 use crate::train::incremental::{
@@ -361,22 +361,8 @@ pub fn nearest_hits(embeddings: &Tensor, classes: &[usize]) -> Result<Vec<bool>,
             embeddings.size()
         )));
     }
-    let nearest = tch::no_grad(|| -> Result<Vec<i64>, EvalError> {
-        let x = embeddings
-            .f_to_device(Device::Cpu)?
-            .f_to_kind(Kind::Float)?;
-        let x = x.f_div(
-            &x.f_norm_scalaropt_dim(2.0, [1i64].as_slice(), true)?
-                .f_clamp_min(1e-12)?,
-        )?;
-        let sim = x.f_matmul(&x.f_tr()?)?;
-        let diagonal = Tensor::f_arange(n as i64, (Kind::Int64, Device::Cpu))?.f_view([-1, 1])?;
-        let sim = sim.f_scatter_value(1, &diagonal, f64::NEG_INFINITY)?;
-        let (_, order) = sim.f_sort_stable(true, 1, true)?;
-        Ok(Vec::<i64>::try_from(
-            &order.f_narrow(1, 0, 1)?.f_contiguous()?.f_view([-1])?,
-        )?)
-    })?;
+    let mut nearest = vec![0i64; n];
+    for_each_ranking(embeddings, 1, |q, ranking| nearest[q] = ranking[0])?;
     Ok(nearest
         .iter()
         .enumerate()

@@ -179,7 +179,10 @@ fn parse_idx<'a>(
             u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
         })
         .collect();
-    let expected: usize = dims.iter().product();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |total, &d| total.checked_mul(d))
+        .ok_or_else(|| invalid(format!("IDX {what} dimensions {dims:?} overflow")))?;
     let data = &bytes[header..];
     if data.len() != expected {
         return Err(invalid(format!(
@@ -365,6 +368,12 @@ mod tests {
         let mut truncated = idx_images(3, 2, 2);
         truncated.pop();
         std::fs::write(p("trunc"), truncated).unwrap();
+        // Dimensions whose product wraps to 0 in 64 bits, with no data at all.
+        let mut overflowing = vec![0, 0, 8, 3];
+        for d in [1u32 << 22, 1 << 21, 1 << 21] {
+            overflowing.extend_from_slice(&d.to_be_bytes());
+        }
+        std::fs::write(p("huge"), overflowing).unwrap();
 
         let err = |images: &str, labels: &str| {
             load(&args(DatasetFormat::Idx, p(images), Some(p(labels))))
@@ -375,6 +384,11 @@ mod tests {
         assert!(err("img", "img").contains("magic number"));
         assert!(err("img", "lab2").contains("2 labels for 3 images"));
         assert!(err("trunc", "lab").contains("needs 12 data bytes, found 11"));
+        assert!(
+            err("huge", "lab").contains("overflow"),
+            "{}",
+            err("huge", "lab")
+        );
         assert!(err("img", "missing").contains("missing"));
         assert!(load(&args(DatasetFormat::Idx, p("img"), Some(p("lab")))).is_ok());
         // No --labels and no derivable name.
