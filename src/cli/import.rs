@@ -81,7 +81,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// POSTs JSON, backing off (up to [`RETRY_FOR`]) while the server is busy (429), starting
+/// POSTs JSON, backing off (for up to ten minutes) while the server is busy (429), starting
 /// (503) or unreachable. Every caller's request is safe to repeat: a refused request changes
 /// nothing and an upsert of the same ids is idempotent.
 pub fn post_with_retry(
