@@ -4,8 +4,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{Server, FMNIST_IMAGES, FMNIST_LABELS};
-use serde_json::Value;
+use common::{fashion_images, upsert_images, Server, FMNIST_IMAGES, FMNIST_LABELS};
+use serde_json::{json, Value};
 
 /// Runs crossbatch, asserts success, returns its stdout and stderr.
 fn crossbatch(args: &[&str]) -> (String, String) {
@@ -189,4 +189,61 @@ fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() 
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--norm frozen"));
+}
+
+#[test]
+fn a_new_base_model_that_cannot_take_some_stored_items_leaves_them_out_and_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    upsert_images(&server, "img", &fashion_images(10));
+    // A tensor item fits only a 1×28×28 input.
+    let (status, body) = server.post(
+        "/v1/items",
+        &json!({ "items": [{ "id": "tensor", "tensor": vec![0.1f32; 28 * 28], "shape": [1, 28, 28] }] }),
+    );
+    assert_eq!(status, 200, "{body}");
+    server.kill();
+
+    let out = tempfile::tempdir().unwrap();
+    let small = out.path().join("small");
+    crossbatch(&[
+        "train",
+        "--format",
+        "idx",
+        "--labels",
+        FMNIST_LABELS,
+        "--limit",
+        "200",
+        "--steps",
+        "1",
+        "--batch-size",
+        "32",
+        "--image-size",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        small.to_str().unwrap(),
+        FMNIST_IMAGES,
+    ]);
+    // Start-up re-embeds the gallery with the new 16×16 model: the images are resized, the
+    // tensor item cannot be, and it stays stored but out of the index instead of failing
+    // start-up.
+    let server = Server::start_on_model(dir.path(), &small, &[]);
+    let (_, info) = server.get("/v1/info");
+    assert_eq!(info["input"]["height"], 16, "{info}");
+    assert_eq!(server.item_count(), 11);
+    assert_eq!(info["index_items"], 10, "{info}");
+    assert_eq!(server.get("/v1/items/tensor").0, 200);
+    let (status, _) = server.post(
+        "/v1/search",
+        &json!({ "query": { "item_id": "tensor" }, "k": 3 }),
+    );
+    assert_eq!(status, 404, "the tensor item is not in this model's index");
+    let (status, found) = server.post(
+        "/v1/search",
+        &json!({ "query": { "item_id": "img3" }, "k": 1 }),
+    );
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["results"][0]["id"], "img3");
 }

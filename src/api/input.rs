@@ -3,7 +3,7 @@
 use base64::Engine;
 
 use super::error::ApiError;
-use crate::embed::preprocess::{check_tensor, decode_image};
+use crate::embed::preprocess::{check_tensor, decode_image, SizeLimit};
 use crate::index::{indexable_norm, IndexError};
 use crate::model::spec::InputSpec;
 use crate::store::InputKind;
@@ -48,7 +48,7 @@ impl InputPayload {
                             format!("{what}: image is not valid base64: {e}"),
                         )
                     })?;
-                let values = decode_image(&raw, spec)
+                let values = decode_image(&raw, spec, SizeLimit::Upload)
                     .map_err(|e| ApiError::invalid("invalid_image", format!("{what}: {e}")))?;
                 Ok(PreparedInput {
                     values,

@@ -39,8 +39,23 @@ pub enum PreprocessError {
     NonFinite,
 }
 
+/// Which images a decode accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeLimit {
+    /// An upload: at most [`MAX_IMAGE_SIDE`] pixels a side, checked from the header.
+    Upload,
+    /// A stored input, accepted once already: decoded whatever its size (the limit may have
+    /// been lower, or absent, when it was stored), within the image crate's default memory
+    /// cap.
+    Stored,
+}
+
 /// Decodes PNG/JPEG bytes and preprocesses them for a model.
-pub fn decode_image(bytes: &[u8], spec: &InputSpec) -> Result<Vec<f32>, PreprocessError> {
+pub fn decode_image(
+    bytes: &[u8],
+    spec: &InputSpec,
+    limit: SizeLimit,
+) -> Result<Vec<f32>, PreprocessError> {
     let format =
         image::guess_format(bytes).map_err(|e| PreprocessError::NotAnImage(e.to_string()))?;
     if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
@@ -49,7 +64,9 @@ pub fn decode_image(bytes: &[u8], spec: &InputSpec) -> Result<Vec<f32>, Preproce
         )));
     }
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
-    reader.limits(decode_limits());
+    if limit == SizeLimit::Upload {
+        reader.limits(upload_limits());
+    }
     let image = reader.decode().map_err(|e| match e {
         image::ImageError::Limits(_) => PreprocessError::TooLarge(e.to_string()),
         other => PreprocessError::NotAnImage(other.to_string()),
@@ -66,7 +83,7 @@ pub const MAX_IMAGE_SIDE: u32 = 4096;
 /// four 16-bit channels.
 const MAX_DECODE_BYTES: u64 = MAX_IMAGE_SIDE as u64 * MAX_IMAGE_SIDE as u64 * 8;
 
-fn decode_limits() -> image::Limits {
+fn upload_limits() -> image::Limits {
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
@@ -140,7 +157,7 @@ pub fn values_from_raw(
     spec: &InputSpec,
 ) -> Result<Vec<f32>, PreprocessError> {
     match kind {
-        InputKind::Image => decode_image(raw, spec),
+        InputKind::Image => decode_image(raw, spec, SizeLimit::Stored),
         InputKind::Tensor { shape } => {
             let values = raw
                 .chunks_exact(4)
@@ -172,7 +189,7 @@ mod tests {
         let pixels: Vec<u8> = (0..16u8).map(|i| i * 17).collect();
         let image =
             DynamicImage::ImageLuma8(image::GrayImage::from_raw(4, 4, pixels.clone()).unwrap());
-        let input = decode_image(&png_bytes(&image), &gray_spec(4)).unwrap();
+        let input = decode_image(&png_bytes(&image), &gray_spec(4), SizeLimit::Upload).unwrap();
         for (value, pixel) in input.iter().zip(&pixels) {
             let expected = (*pixel as f32 / 255.0 - 0.5) / 0.25;
             assert!((value - expected).abs() < 1e-6, "{value} vs {expected}");
@@ -180,14 +197,30 @@ mod tests {
     }
 
     #[test]
-    fn an_image_wider_than_the_limit_is_refused_before_decoding() {
+    fn uploads_over_the_size_limit_are_refused_from_the_header_and_stored_inputs_are_not() {
+        let decode =
+            |image: &DynamicImage, limit| decode_image(&png_bytes(image), &gray_spec(4), limit);
         let at_limit = DynamicImage::ImageLuma8(image::GrayImage::new(MAX_IMAGE_SIDE, 1));
-        assert!(decode_image(&png_bytes(&at_limit), &gray_spec(4)).is_ok());
-        let wider = DynamicImage::ImageLuma8(image::GrayImage::new(MAX_IMAGE_SIDE + 1, 1));
-        let error = decode_image(&png_bytes(&wider), &gray_spec(4)).unwrap_err();
-        assert!(matches!(error, PreprocessError::TooLarge(_)), "{error:?}");
-        let taller = DynamicImage::ImageLuma8(image::GrayImage::new(1, MAX_IMAGE_SIDE + 1));
-        let error = decode_image(&png_bytes(&taller), &gray_spec(4)).unwrap_err();
+        assert!(decode(&at_limit, SizeLimit::Upload).is_ok());
+        for (w, h) in [(MAX_IMAGE_SIDE + 1, 1), (1, MAX_IMAGE_SIDE + 1)] {
+            let over = DynamicImage::ImageLuma8(image::GrayImage::new(w, h));
+            let error = decode(&over, SizeLimit::Upload).unwrap_err();
+            assert!(
+                matches!(error, PreprocessError::TooLarge(_)),
+                "{w}×{h}: {error:?}"
+            );
+            assert!(decode(&over, SizeLimit::Stored).is_ok(), "stored {w}×{h}");
+        }
+        // Only a header declaring 100,000 × 100,000 pixels, and nothing after it: refused
+        // as too large (a decode attempt would report the missing data instead).
+        let mut png = png_bytes(&DynamicImage::ImageLuma8(image::GrayImage::new(1, 1)));
+        png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+        png.truncate(33);
+        let error = decode_image(&png, &gray_spec(4), SizeLimit::Upload).unwrap_err();
         assert!(matches!(error, PreprocessError::TooLarge(_)), "{error:?}");
     }
 
@@ -203,14 +236,24 @@ mod tests {
             mean: vec![0.0; 3],
             std: vec![1.0; 3],
         };
-        let input = decode_image(&png_bytes(&DynamicImage::ImageRgb8(rgb)), &spec).unwrap();
+        let input = decode_image(
+            &png_bytes(&DynamicImage::ImageRgb8(rgb)),
+            &spec,
+            SizeLimit::Upload,
+        )
+        .unwrap();
         assert_eq!(input, vec![1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
     }
 
     #[test]
     fn rgb_to_gray_and_resize() {
         let rgb = image::RgbImage::from_pixel(8, 6, image::Rgb([200, 200, 200]));
-        let input = decode_image(&png_bytes(&DynamicImage::ImageRgb8(rgb)), &gray_spec(4)).unwrap();
+        let input = decode_image(
+            &png_bytes(&DynamicImage::ImageRgb8(rgb)),
+            &gray_spec(4),
+            SizeLimit::Upload,
+        )
+        .unwrap();
         assert_eq!(input.len(), 16);
         let expected = (200.0 / 255.0 - 0.5) / 0.25;
         assert!(input.iter().all(|v| (v - expected).abs() < 1e-2));
@@ -219,13 +262,13 @@ mod tests {
     #[test]
     fn garbage_bytes_are_rejected() {
         assert!(matches!(
-            decode_image(b"hello world", &gray_spec(4)),
+            decode_image(b"hello world", &gray_spec(4), SizeLimit::Upload),
             Err(PreprocessError::NotAnImage(_))
         ));
         let mut truncated = png_bytes(&DynamicImage::ImageLuma8(image::GrayImage::new(4, 4)));
         truncated.truncate(20);
         assert!(matches!(
-            decode_image(&truncated, &gray_spec(4)),
+            decode_image(&truncated, &gray_spec(4), SizeLimit::Upload),
             Err(PreprocessError::NotAnImage(_))
         ));
     }
@@ -242,7 +285,7 @@ mod tests {
         let png = png_bytes(&DynamicImage::ImageLuma8(image::GrayImage::new(2, 2)));
         assert_eq!(
             values_from_raw(&png, &InputKind::Image, &spec).unwrap(),
-            decode_image(&png, &spec).unwrap()
+            decode_image(&png, &spec, SizeLimit::Upload).unwrap()
         );
         assert!(values_from_raw(&raw[..8], &kind, &spec).is_err());
     }

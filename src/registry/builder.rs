@@ -308,27 +308,33 @@ fn embed_rows(
 }
 
 /// Embeds stored inputs with `embedder` (whose model has `input` and `version`), as
-/// refreshes guarded by each row's sequence number. A row the model maps to a vector the
-/// index cannot hold is logged and left out (it keeps its stored embedding and stays out of
-/// this model's index) instead of failing the whole build or start-up.
+/// refreshes guarded by each row's sequence number. A row this model cannot take (an input
+/// that does not fit its input, or that it maps to a vector the index cannot hold) is logged
+/// and left out — it keeps its stored embedding and stays out of this model's index — instead
+/// of failing the whole build or start-up.
 pub fn embed_stored(
     embedder: &Embedder,
     input: &InputSpec,
     version: u64,
     rows: &[InputRow],
 ) -> Result<Vec<EmbeddingRefresh>, WriteError> {
-    let values = rows
-        .iter()
-        .map(|row| {
-            values_from_raw(&row.input, &row.input_kind, input).map_err(|e| WriteError::Input {
-                id: row.id.clone(),
-                message: e.to_string(),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let left_out = |row: &InputRow, why: &dyn std::fmt::Display| {
+        tracing::warn!(id = %row.id, version, "left out of this model's index: {why}");
+    };
+    let mut usable = Vec::with_capacity(rows.len());
+    let mut values = Vec::with_capacity(rows.len());
+    for row in rows {
+        match values_from_raw(&row.input, &row.input_kind, input) {
+            Ok(v) => {
+                usable.push(row);
+                values.push(v);
+            }
+            Err(e) => left_out(row, &e),
+        }
+    }
     let vectors = embedder.embed_blocking(values)?;
-    Ok(rows
-        .iter()
+    Ok(usable
+        .into_iter()
         .zip(vectors)
         .filter_map(|(row, embedding)| match indexable_norm(&embedding) {
             Ok(_) => Some(EmbeddingRefresh {
@@ -338,10 +344,9 @@ pub fn embed_stored(
                 model_version: version,
             }),
             Err(problem) => {
-                tracing::warn!(
-                    id = %row.id,
-                    version,
-                    "left out: this model maps the stored input to a vector that cannot be indexed ({problem})"
+                left_out(
+                    row,
+                    &format!("the model maps it to a vector that cannot be indexed ({problem})"),
                 );
                 None
             }

@@ -311,7 +311,8 @@ impl ClassFocus {
     }
 }
 
-/// Reads and preprocesses the examples `ids` of `label` from the store.
+/// Reads and preprocesses the examples `ids` of `label` from the store, leaving out those
+/// this model's input cannot take.
 fn read_class(
     store: &Store,
     label: &str,
@@ -325,10 +326,14 @@ fn read_class(
         values: Vec::with_capacity(rows.len()),
     };
     for row in rows {
-        let values = values_from_raw(&row.input, &row.input_kind, input)
-            .map_err(|e| TrainError::Config(format!("example {}: {e}", row.id)))?;
-        class.ids.push(row.id);
-        class.values.push(values);
+        match values_from_raw(&row.input, &row.input_kind, input) {
+            Ok(values) => {
+                class.ids.push(row.id);
+                class.values.push(values);
+            }
+            // Stored for another model's input: this model cannot learn from it.
+            Err(e) => tracing::warn!(id = %row.id, label, "not trained on: {e}"),
+        }
     }
     Ok(class)
 }

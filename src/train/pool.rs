@@ -94,17 +94,30 @@ impl ExamplePool {
         if !missing.is_empty() {
             let rows = store.inputs_of(&missing)?;
             for row in rows {
-                let values = values_from_raw(&row.input, &row.input_kind, input)
-                    .map_err(|e| TrainError::Config(format!("item {}: {e}", row.id)))?;
+                // An input this model cannot take (stored for another model's input) is
+                // cached as empty and never trained on, until the item changes.
+                let values =
+                    values_from_raw(&row.input, &row.input_kind, input).unwrap_or_else(|e| {
+                        tracing::warn!(id = %row.id, "not trained on: {e}");
+                        Vec::new()
+                    });
                 self.cache.insert(row.id, (row.seq, values));
             }
         }
         for (id, label, _) in wanted {
-            if let Some((_, v)) = self.cache.get(id) {
+            if let Some(v) = self.usable(id) {
                 out.push(v, label, self.numeric_id[id]);
             }
         }
         Ok(())
+    }
+
+    /// The cached input of example `id`, unless it is missing or unusable.
+    fn usable(&self, id: &str) -> Option<&[f32]> {
+        self.cache
+            .get(id)
+            .map(|(_, v)| v.as_slice())
+            .filter(|v| !v.is_empty())
     }
 
     /// Up to `limit` examples of `label`, preprocessed.
@@ -123,7 +136,7 @@ impl ExamplePool {
         self.push_batch(store, &indices, input, &mut batch)?;
         let ids = indices
             .iter()
-            .filter(|&&i| self.cache.contains_key(&self.examples[i].0))
+            .filter(|&&i| self.usable(&self.examples[i].0).is_some())
             .map(|&i| self.examples[i].0.clone())
             .collect();
         Ok(ClassExamples {
@@ -152,6 +165,9 @@ impl ExamplePool {
         let indices: Vec<usize> = (0..count).collect();
         let mut batch = FlatBatch::default();
         self.push_batch(store, &indices, &input, &mut batch)?;
+        if batch.is_empty() {
+            return Ok(None);
+        }
         let [c, h, w] = input.shape().map(|d| d as i64);
         let inputs = Tensor::f_from_slice(&batch.values)?.f_view([batch.len() as i64, c, h, w])?;
         let last = trainer.embed_eval(&inputs)?;

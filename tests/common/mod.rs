@@ -44,8 +44,20 @@ impl Server {
         server
     }
 
+    /// [`Server::start`] on the model in `model_dir` instead of the shipped one.
+    pub fn start_on_model(data_dir: &Path, model_dir: &Path, env: &[(&str, &str)]) -> Server {
+        let server = Server::spawn_on_model(data_dir, model_dir, env);
+        server.wait_ready();
+        server
+    }
+
     /// Starts the process and returns once the port is bound (possibly not ready yet).
     pub fn spawn(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+        Server::spawn_on_model(data_dir, &shipped, env)
+    }
+
+    fn spawn_on_model(data_dir: &Path, model_dir: &Path, env: &[(&str, &str)]) -> Server {
         let root = env!("CARGO_MANIFEST_DIR");
         let mut command = Command::new(env!("CARGO_BIN_EXE_crossbatch"));
         command
@@ -58,7 +70,7 @@ impl Server {
                 &test_device(),
                 "--model",
             ])
-            .arg(Path::new(root).join("models/default"))
+            .arg(model_dir)
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "warn")
