@@ -347,12 +347,20 @@ impl VectorIndex {
         state.slots[slot].vector.as_ref().map(|v| v.to_vec())
     }
 
-    /// The live vectors of every label `wanted` accepts, by label (a snapshot).
+    /// The live vectors of every label `wanted` accepts, by label (a snapshot). Scans the
+    /// index only when a live label is wanted.
     pub fn vectors_by_label(
         &self,
         wanted: impl Fn(&str) -> bool,
     ) -> HashMap<String, Vec<Arc<[f32]>>> {
         let state = self.read();
+        let any_wanted = state
+            .label_live
+            .iter()
+            .any(|(&label, &live)| live > 0 && wanted(&state.labels[label as usize]));
+        if !any_wanted {
+            return HashMap::new();
+        }
         let mut by_label: HashMap<String, Vec<Arc<[f32]>>> = HashMap::new();
         for &slot in state.by_key.values() {
             let Slot {
@@ -845,6 +853,7 @@ mod tests {
         idx.upsert("k0", Some("l0"), &fresh).unwrap(); // replaced: the old vector is gone
         idx.upsert("k1", Some("l0"), &vecs[1]).unwrap(); // relabelled from l1
         assert!(idx.remove("k3")); // removed from l0
+        assert!(idx.vectors_by_label(|label| label == "absent").is_empty());
         let by_label = idx.vectors_by_label(|label| label != "l2");
         assert_eq!(by_label.len(), 2, "l2 not wanted");
         // Brute force: the live keys of each label from `keys()`, their vectors from `vector()`.

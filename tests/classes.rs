@@ -319,6 +319,8 @@ fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     let image = fashion_images(1)[0].png.clone();
+    // Finite values so large that the model's activations overflow: the embedding is NaN.
+    let overflowing = json!({ "tensor": vec![3.0e38f32; 28 * 28], "shape": [1, 28, 28] });
 
     // Nothing is known yet: classification has no candidates.
     let (status, body) = server.post("/v1/classify", &json!({ "inputs": [{ "image": image }] }));
@@ -363,6 +365,11 @@ fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
             400,
             "invalid_json",
         ),
+        (
+            json!({ "label": "x", "examples": [{ "image": image }, overflowing] }),
+            422,
+            "degenerate_embedding",
+        ),
     ];
     for (body, status, code) in cases {
         let (got, response) = server.post("/v1/classes", &body);
@@ -391,6 +398,9 @@ fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
     assert_eq!(listed["shirt"]["training_only"], 3);
     assert_eq!(listed["shirt"]["indexed"], 0);
     assert_eq!(server.item_count(), 0);
+    // An indexed class: classification has a candidate now.
+    let (status, body) = upload(&server, "bag", &[image.clone(), image.clone()], true);
+    assert_eq!(status, 200, "{body}");
 
     for (body, status, code) in [
         (
@@ -404,10 +414,18 @@ fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
             400,
             "invalid_base64",
         ),
+        (
+            json!({ "inputs": [{ "image": image }, overflowing] }),
+            422,
+            "degenerate_embedding",
+        ),
     ] {
         let (got, response) = server.post("/v1/classify", &body);
         assert_eq!(got, status, "{body} → {response}");
         assert_eq!(response["error"]["code"], code, "{response}");
     }
+    let (status, body) = server.post("/v1/classify", &json!({ "inputs": [{ "image": image }] }));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["predictions"][0][0]["label"], "bag", "{body}");
     server.kill();
 }

@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::handlers::blocking;
 
 /// A request body parsed as JSON into `T`; malformed JSON is 400 `invalid_json`, a body over
 /// the limit 413 `payload_too_large`.
@@ -35,7 +36,7 @@ where
             return parse(&bytes);
         }
         // Parsing megabytes takes milliseconds of CPU: off the async workers.
-        tokio::task::spawn_blocking(move || parse(&bytes)).await?
+        blocking(move || parse(&bytes)).await
     }
 }
 

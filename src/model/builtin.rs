@@ -186,6 +186,16 @@ impl ResNetSmall {
         }
     }
 
+    /// Takes back what the last training-mode forward did to every cross-iteration window
+    /// (the trainer skipped that step).
+    pub fn undo_cross_iteration_forward(&self) {
+        for unit in self.units() {
+            if let Some(cbn) = unit.cross_iteration.borrow_mut().as_mut() {
+                cbn.undo_last_forward();
+            }
+        }
+    }
+
     /// Largest number of iterations any cross-iteration layer currently holds (0 without CBN).
     pub fn cross_iteration_records(&self) -> usize {
         self.units()

@@ -132,6 +132,18 @@ pub struct CrossIterationNorm {
     constants: NormConstants,
     records: VecDeque<Record>,
     steps: usize,
+    /// What the last training-mode forward changed, until the next one: a skipped training
+    /// step takes it back ([`CrossIterationNorm::undo_last_forward`]).
+    last_change: Option<WindowChange>,
+}
+
+/// How one forward changed the window.
+#[derive(Debug)]
+struct WindowChange {
+    /// Whether it appended a record.
+    pushed: bool,
+    /// The oldest records it dropped to keep the window's size.
+    dropped: Vec<Record>,
 }
 
 impl CrossIterationNorm {
@@ -142,7 +154,23 @@ impl CrossIterationNorm {
             constants,
             records: VecDeque::with_capacity(settings.window),
             steps: 0,
+            last_change: None,
         }
+    }
+
+    /// Takes back what the last training-mode forward did to the window and the burn-in
+    /// count (the trainer skipped that step); does nothing the second time.
+    pub fn undo_last_forward(&mut self) {
+        let Some(change) = self.last_change.take() else {
+            return;
+        };
+        if change.pushed {
+            self.records.pop_back();
+        }
+        for record in change.dropped.into_iter().rev() {
+            self.records.push_front(record);
+        }
+        self.steps = self.steps.saturating_sub(1);
     }
 
     /// Earlier iterations currently recorded (at most `window − 1`).
@@ -191,7 +219,7 @@ impl CrossIterationNorm {
             self.update_running(bn, &mean, &var, current.count)?;
             self.normalise(xs, &mean, &var, bn)?
         };
-        self.record(current, weights)?;
+        self.last_change = Some(self.record(current, weights)?);
         self.steps += 1;
         Ok(ys)
     }
@@ -294,12 +322,18 @@ impl CrossIterationNorm {
     }
 
     /// Keeps `current` (detached, with its Taylor data when compensating) as the newest record
-    /// and drops records beyond the window. Non-finite statistics are never kept: the trainer
-    /// skips the step whose loss they make NaN, and the window must not carry them on.
-    fn record(&mut self, current: BatchStatistics, weights: &[&Tensor]) -> Result<(), TchError> {
+    /// and drops records beyond the window; returns what changed.
+    fn record(
+        &mut self,
+        current: BatchStatistics,
+        weights: &[&Tensor],
+    ) -> Result<WindowChange, TchError> {
         let keep = self.settings.window.saturating_sub(1);
-        if keep == 0 || !all_finite(&[&current.mean, &current.sq_mean])? {
-            return Ok(());
+        if keep == 0 {
+            return Ok(WindowChange {
+                pushed: false,
+                dropped: Vec::new(),
+            });
         }
         let taylor = |stat: &Tensor| -> Result<Option<Taylor>, TchError> {
             if self.settings.compensate && stat.requires_grad() {
@@ -316,21 +350,15 @@ impl CrossIterationNorm {
             count: current.count,
         };
         self.records.push_back(record);
+        let mut dropped = Vec::new();
         while self.records.len() > keep {
-            self.records.pop_front();
+            dropped.extend(self.records.pop_front());
         }
-        Ok(())
+        Ok(WindowChange {
+            pushed: true,
+            dropped,
+        })
     }
-}
-
-/// Whether every value of every tensor is finite.
-fn all_finite(tensors: &[&Tensor]) -> Result<bool, TchError> {
-    for t in tensors {
-        if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 #[cfg(test)]

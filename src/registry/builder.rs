@@ -112,9 +112,6 @@ impl Registry {
         if let Some(busy) = self.building_version() {
             return Err(BuildError::Busy(busy));
         }
-        if self.live().is_none() {
-            return Err(BuildError::NotReady);
-        }
         let (embedder, info) = Embedder::start(
             model_dir,
             &context.device,

@@ -418,13 +418,12 @@ impl ClassHead {
     /// nothing. Moments are kept per row and extended with zeros when classes are added, so
     /// growing the head does not reset the state of the existing classes.
     pub fn step(&mut self) -> Result<(), TrainError> {
-        let mut grad = self.proxies.grad();
+        let grad = self.proxies.grad();
         if !grad.defined() {
             return Ok(());
         }
         self.adam.update(&mut self.proxies, &grad, self.config.lr)?;
-        let _ = tch::no_grad(|| grad.f_zero_())?;
-        Ok(())
+        self.clear_grad()
     }
 
     /// Drops the proxies' accumulated gradient without stepping (the trainer skipped the step

@@ -9,7 +9,7 @@
 //! is adapted, LEO is meta-trained, and the trainer publishes: that generation is the first to
 //! include them. Without pending classes the trainer samples P×K batches from the whole store
 //! as before; the class head trains jointly in both cases.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -25,25 +25,19 @@ use crate::embed::preprocess::values_from_raw;
 use crate::model::spec::InputSpec;
 use crate::store::{LabelledExample, Store};
 
-/// Numeric ids of focus examples start here (above the pool's sequential ids).
+/// Numeric ids of focus examples the pool has not numbered start here (above the pool's
+/// sequential ids).
 const FOCUS_ID_BASE: i64 = 1 << 39;
 /// Added to an example's numeric id for its low-fidelity twin.
 const TWIN_ID_OFFSET: i64 = 1 << 40;
 /// Numeric ids of replayed exemplars start here.
 const REPLAY_ID_BASE: i64 = 1 << 41;
-/// Examples per class numbered apart in the focus id space.
-const IDS_PER_CLASS: i64 = 1 << 20;
 
-/// A pending class: its examples, the focus steps it has had and its slot in the focus id
-/// space (fixed while it is pending, so an example keeps its id from batch to batch).
+/// A pending class: its examples and the focus steps it has had.
 struct Pending {
     examples: ClassExamples,
     steps: usize,
-    slot: i64,
 }
-
-/// Focus id slots available below the twin id range.
-const FOCUS_SLOTS: i64 = (TWIN_ID_OFFSET - FOCUS_ID_BASE) / IDS_PER_CLASS;
 
 /// The class head, replay memory and pending classes of the online trainer.
 pub struct ClassFocus {
@@ -56,8 +50,9 @@ pub struct ClassFocus {
     /// Labels already given a proxy and offered to the replay memory in this session.
     remembered: HashSet<String>,
     replay_counter: i64,
-    /// The next pending class's focus id slot.
-    next_slot: i64,
+    /// Numeric ids of focus examples the pool has not numbered (a class with one example),
+    /// by example id, never reused.
+    focus_ids: HashMap<String, i64>,
     /// Pending classes in the last batch [`ClassFocus::next_batch`] made; the next
     /// [`ClassFocus::step`] counts for them only.
     in_batch: Vec<String>,
@@ -81,7 +76,7 @@ impl ClassFocus {
             learnt: Vec::new(),
             remembered: HashSet::new(),
             replay_counter: 0,
-            next_slot: 0,
+            focus_ids: HashMap::new(),
             in_batch: Vec::new(),
         })
     }
@@ -139,14 +134,7 @@ impl ClassFocus {
             if class.values.is_empty() {
                 continue; // deleted since the listing
             }
-            let (steps, slot) = match self.pending.get(label) {
-                Some(known) => (known.steps, known.slot),
-                None => {
-                    let slot = self.next_slot;
-                    self.next_slot = (self.next_slot + 1) % FOCUS_SLOTS;
-                    (0, slot)
-                }
-            };
+            let steps = self.pending.get(label).map_or(0, |p| p.steps);
             self.learner
                 .add_classes(trainer, std::slice::from_ref(&class))?;
             self.pending.insert(
@@ -154,7 +142,6 @@ impl ClassFocus {
                 Pending {
                     examples: class,
                     steps,
-                    slot,
                 },
             );
         }
@@ -215,13 +202,22 @@ impl ClassFocus {
         let mut turn: Vec<(&String, &Pending)> = self.pending.iter().collect();
         turn.sort_by_key(|(_, pending)| pending.steps);
         turn.truncate(p.max(1));
+        // An example's numeric id (for masking self-pairs against the memory) is the pool's,
+        // so it is the same wherever the example appears and whenever.
+        let focus_ids = &mut self.focus_ids;
+        let mut numeric_id = |example: &str| match pool.numeric_id.get(example) {
+            Some(&id) => id,
+            None => {
+                let next = FOCUS_ID_BASE + focus_ids.len() as i64;
+                *focus_ids.entry(example.to_owned()).or_insert(next)
+            }
+        };
         for (label, pending) in turn {
             let class = &pending.examples;
             let picks: Vec<(&[f32], i64)> = (0..k.max(2))
                 .map(|_| {
                     let i = rng.gen_range(0..class.values.len());
-                    let id = FOCUS_ID_BASE + pending.slot * IDS_PER_CLASS + i as i64;
-                    (class.values[i].as_slice(), id)
+                    (class.values[i].as_slice(), numeric_id(&class.ids[i]))
                 })
                 .collect();
             self.learner

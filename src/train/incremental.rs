@@ -70,8 +70,8 @@ pub struct ClassLearningConfig {
     pub replay_candidates: usize,
     /// Replayed exemplars per batch while new classes are learnt.
     pub replay_per_batch: usize,
-    /// Every new-class example enters the batch with its low-fidelity twin (only at
-    /// `replay_memory.fidelity = "low"`: at full fidelity the twin would be an exact copy).
+    /// Every new-class example enters the batch with its low-fidelity twin (only with replay
+    /// at `replay_memory.fidelity = "low"`: at full fidelity the twin would be an exact copy).
     pub duplets: bool,
     /// Steps between classifier adaptations (0 = never).
     pub adapt_every: usize,
@@ -411,10 +411,11 @@ impl ClassLearner {
         })
     }
 
-    /// Whether new-class examples enter batches with a low-fidelity twin: duplets on and a
-    /// lossy codec (a full-fidelity twin would only repeat the example).
+    /// Whether new-class examples enter batches with a low-fidelity twin: duplets on and
+    /// low-fidelity replay (a full-fidelity twin would only repeat the example, and without
+    /// replay nothing is stored at low fidelity).
     pub fn makes_twins(&self) -> bool {
-        self.config.duplets && self.config.replay_memory.fidelity == Fidelity::Low
+        self.config.duplets && self.replays_low_fidelity()
     }
 
     /// Appends `class`'s examples to `batch`, each followed by its low-fidelity twin when
@@ -492,41 +493,43 @@ impl ClassLearner {
             labels: Tensor::f_from_slice(&pair_labels)?,
             ids: Tensor::f_from_slice(&batch.ids)?,
         };
-        for count in &mut self.counts {
-            *count *= COUNT_DECAY;
-        }
+        // The prior with this batch counted; kept only if the step is taken.
+        let mut counts: Vec<f64> = self.counts.iter().map(|c| c * COUNT_DECAY).collect();
         for &row in rows.iter().filter(|&&r| r >= 0) {
-            self.counts[row as usize] += 1.0;
+            counts[row as usize] += 1.0;
         }
-        self.steps += 1;
-        if !self.config.head || self.head.is_empty() || rows.iter().all(|&r| r < 0) {
-            return trainer.step(&tensor_batch, lr);
-        }
-        let known: Vec<i64> = (0..n).filter(|&i| rows[i as usize] >= 0).collect();
-        let known_rows: Vec<i64> = known.iter().map(|&i| rows[i as usize]).collect();
-        let device = trainer.device();
-        let known = Tensor::f_from_slice(&known)?.f_to_device(device)?;
-        let targets = Tensor::f_from_slice(&known_rows)?;
-        let prior: Vec<f32> = if self.config.balanced_softmax {
-            self.counts.iter().map(|c| *c as f32).collect()
+        let stats = if !self.config.head || self.head.is_empty() || rows.iter().all(|&r| r < 0) {
+            trainer.step(&tensor_batch, lr)?
         } else {
-            vec![1.0; self.head.len()]
-        };
-        let counts = Tensor::f_from_slice(&prior)?;
-        let weight = self.config.head_weight;
-        let head = &self.head;
-        let mut head_loss = |emb: &Tensor, _labels: &Tensor| -> Result<Tensor, TrainError> {
-            let rows = emb.f_index_select(0, &known)?;
-            Ok(head.loss(&rows, &targets, &counts)?.f_mul_scalar(weight)?)
-        };
-        let stats = match trainer.step_with(&tensor_batch, lr, Some(&mut head_loss)) {
-            Ok(stats) => stats,
-            Err(skipped) => {
-                self.head.clear_grad()?;
-                return Err(skipped);
+            let known: Vec<i64> = (0..n).filter(|&i| rows[i as usize] >= 0).collect();
+            let known_rows: Vec<i64> = known.iter().map(|&i| rows[i as usize]).collect();
+            let known = Tensor::f_from_slice(&known)?.f_to_device(trainer.device())?;
+            let targets = Tensor::f_from_slice(&known_rows)?;
+            let prior: Vec<f32> = if self.config.balanced_softmax {
+                counts.iter().map(|c| *c as f32).collect()
+            } else {
+                vec![1.0; self.head.len()]
+            };
+            let prior = Tensor::f_from_slice(&prior)?;
+            let weight = self.config.head_weight;
+            let head = &self.head;
+            let mut head_loss = |emb: &Tensor, _labels: &Tensor| -> Result<Tensor, TrainError> {
+                let rows = emb.f_index_select(0, &known)?;
+                Ok(head.loss(&rows, &targets, &prior)?.f_mul_scalar(weight)?)
+            };
+            match trainer.step_with(&tensor_batch, lr, Some(&mut head_loss)) {
+                Ok(stats) => {
+                    self.head.step()?;
+                    stats
+                }
+                Err(skipped) => {
+                    self.head.clear_grad()?;
+                    return Err(skipped);
+                }
             }
         };
-        self.head.step()?;
+        self.counts = counts;
+        self.steps += 1;
         Ok(stats)
     }
 
@@ -775,17 +778,45 @@ pub(crate) mod tests {
             assert_eq!(together, [original, twin].concat());
         }
 
-        let off = learner(ClassLearningConfig {
-            duplets: false,
+        // No twins with duplets off, at full fidelity (a lossless twin would repeat the
+        // example) or without replay (nothing is stored at low fidelity to learn to match).
+        let full = ReplayConfig {
+            fidelity: Fidelity::Full,
             ..Default::default()
-        });
-        let mut batch = FlatBatch::default();
-        off.push_examples(&mut batch, "c0", &picks, 100).unwrap();
-        assert_eq!(batch.len(), 3);
+        };
+        for (why, config) in [
+            (
+                "duplets off",
+                ClassLearningConfig {
+                    duplets: false,
+                    ..Default::default()
+                },
+            ),
+            (
+                "full fidelity",
+                ClassLearningConfig {
+                    replay_memory: full,
+                    ..Default::default()
+                },
+            ),
+            (
+                "no replay",
+                ClassLearningConfig {
+                    replay: false,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let off = learner(config);
+            assert!(!off.makes_twins(), "{why}");
+            let mut batch = FlatBatch::default();
+            off.push_examples(&mut batch, "c0", &picks, 100).unwrap();
+            assert_eq!(batch.len(), 3, "{why}");
+        }
     }
 
     #[test]
-    fn a_skipped_step_leaves_no_gradient_behind_in_the_head() {
+    fn a_skipped_step_leaves_no_gradient_or_count_behind_in_the_head() {
         let mut rng = StdRng::seed_from_u64(8);
         let classes: Vec<ClassExamples> = (0..2).map(|c| class(c, 4, &mut rng)).collect();
         let batch_of = |values: &dyn Fn(&[f32]) -> Vec<f32>| {
@@ -818,6 +849,11 @@ pub(crate) mod tests {
             .step(trainer, &poisoned, &augment, 1e-2, &mut rng)
             .unwrap_err();
         assert!(matches!(error, TrainError::NonFiniteLoss { .. }), "{error}");
+        assert_eq!(
+            twins[0].1.counts, twins[1].1.counts,
+            "the prior counted the batch"
+        );
+        assert_eq!(twins[0].1.steps, twins[1].1.steps);
         for (trainer, l) in &mut twins {
             let mut rng = StdRng::seed_from_u64(9);
             l.step(trainer, &good, &augment, 1e-2, &mut rng).unwrap();

@@ -129,6 +129,10 @@ pub struct Trainer {
     gradcache_chunk: usize,
     norm: NormSettings,
     steps_done: usize,
+    /// Each BatchNorm running statistic of the built-in network with a buffer of its value
+    /// before the current step: a training-mode forward updates them in place, and a skipped
+    /// step puts them back. Found once; the VarStore's tensors are updated in place.
+    running_statistics: Vec<(Tensor, Tensor)>,
 }
 
 /// How BatchNorm layers behave while training.
@@ -240,6 +244,13 @@ impl Trainer {
         loss: PairLoss,
     ) -> Result<Self, TrainError> {
         let opt = nn::Adam::default().build(&vs, lr)?;
+        let mut running_statistics = Vec::new();
+        for (name, variable) in vs.variables() {
+            if name.contains("running_") {
+                let saved = variable.f_detach_copy()?;
+                running_statistics.push((variable, saved));
+            }
+        }
         Ok(Trainer {
             vs,
             net,
@@ -251,6 +262,7 @@ impl Trainer {
             gradcache_chunk: 0,
             norm: NormSettings::batch(),
             steps_done: 0,
+            running_statistics,
         })
     }
 
@@ -312,6 +324,16 @@ impl Trainer {
                 .map(|(name, t)| Ok((name, t.f_detach_copy()?)))
                 .collect()
         })
+    }
+
+    /// Whether every weight and BatchNorm statistic the trainer holds is finite.
+    pub fn weights_finite(&self) -> Result<bool, TrainError> {
+        for variable in self.vs.variables().values() {
+            if variable.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Steps taken so far.
@@ -392,11 +414,13 @@ impl Trainer {
         let n = inputs.size().first().copied().unwrap_or(0);
         let chunk = self.gradcache_chunk as i64;
         let train = self.norm.mode.uses_batch_statistics();
-        let running = if train {
-            self.running_statistics()?
-        } else {
-            Vec::new()
-        };
+        if train {
+            tch::no_grad(|| {
+                self.running_statistics
+                    .iter()
+                    .try_for_each(|(live, saved)| saved.shallow_clone().f_copy_(live).map(drop))
+            })?;
+        }
         let (loss, emb, memory_rows) = if chunk == 0 || n <= chunk {
             let emb = self.net.forward(&inputs, train)?;
             let (loss, rows) = self.objective(&emb, labels, ids, extra.as_deref_mut())?;
@@ -434,13 +458,19 @@ impl Trainer {
         let loss = loss.f_double_value(&[])?;
         if !loss.is_finite() {
             // Undone or checked before anything else changes: the forward pass moved the
-            // BatchNorm running statistics, the optimiser would write the non-finite gradients
-            // into the weights, and the memory would keep the batch's embeddings.
-            tch::no_grad(|| {
-                running
-                    .iter()
-                    .try_for_each(|(variable, saved)| variable.shallow_clone().f_copy_(saved))
-            })?;
+            // BatchNorm running statistics and the cross-iteration windows, the optimiser
+            // would write the non-finite gradients into the weights, and the memory would keep
+            // the batch's embeddings.
+            if train {
+                tch::no_grad(|| {
+                    self.running_statistics
+                        .iter()
+                        .try_for_each(|(live, saved)| live.shallow_clone().f_copy_(saved).map(drop))
+                })?;
+                if let Network::Builtin(net) = &self.net {
+                    net.undo_cross_iteration_forward();
+                }
+            }
             self.opt.zero_grad();
             return Err(TrainError::NonFiniteLoss {
                 loss,
@@ -455,19 +485,6 @@ impl Trainer {
             memory.enqueue(&emb, labels, ids, self.steps_done as u64)?;
         }
         Ok((loss, emb, memory_rows))
-    }
-
-    /// Each BatchNorm running statistic of the built-in network with a copy of its value
-    /// (a training-mode forward pass updates them in place; a skipped step puts them back).
-    fn running_statistics(&self) -> Result<Vec<(Tensor, Tensor)>, TrainError> {
-        let mut saved = Vec::new();
-        for (name, variable) in self.vs.variables() {
-            if name.contains("running_") {
-                let copy = variable.f_detach_copy()?;
-                saved.push((variable, copy));
-            }
-        }
-        Ok(saved)
     }
 
     /// The loss of embeddings `emb`: batch against batch, plus (once XBM has started)
@@ -1008,57 +1025,93 @@ mod tests {
     #[test]
     fn a_non_finite_loss_skips_the_step_and_changes_nothing() {
         let data = toy_data(6, 4);
-        let weights = |t: &Trainer| -> Vec<(String, Tensor)> {
-            let mut all: Vec<_> = t.vs.variables().into_iter().collect();
-            all.sort_by(|a, b| a.0.cmp(&b.0));
-            all.into_iter().map(|(n, v)| (n, v.copy())).collect()
+        let batch = |round: i64| {
+            let mut b = toy_batch(&data, 8);
+            b.ids += round * 100;
+            b
+        };
+        let mut nan_inputs = batch(99);
+        nan_inputs.inputs = nan_inputs.inputs.fill(f64::NAN);
+        // A loss term that is NaN although every activation is finite: each layer's
+        // statistics look normal, only the loss tells.
+        let mut nan_term = |emb: &Tensor, _: &Tensor| -> Result<Tensor, TrainError> {
+            Ok(emb.f_sum(Kind::Float)?.f_mul_scalar(f64::NAN)?)
         };
         for mode in [NormMode::Batch, NormMode::CrossIteration] {
-            let mut trainer = Trainer::new(spec(), test_device(), 1e-2, CONTRASTIVE).unwrap();
-            trainer
-                .set_norm(NormSettings {
-                    mode,
-                    window: 3,
-                    burnin: 0,
-                })
-                .unwrap();
-            trainer.set_memory(MemorySettings {
-                size: 64,
-                start_step: 0,
-                weight: 1.0,
-                max_age: None,
-            });
-            trainer.step(&toy_batch(&data, 8), 1e-2).unwrap();
-            let before = weights(&trainer);
-            let fill = trainer.memory_fill();
-            let steps = trainer.steps_done();
-            let records = trainer.cross_iteration_records();
-
-            let mut poisoned = toy_batch(&data, 8);
-            poisoned.inputs = poisoned.inputs.fill(f64::NAN);
-            let error = trainer.step(&poisoned, 1e-2).unwrap_err();
-            assert!(
-                matches!(error, TrainError::NonFiniteLoss { .. }),
-                "{mode:?}: {error}"
-            );
-            assert_eq!(trainer.steps_done(), steps, "{mode:?}");
-            assert_eq!(
-                trainer.memory_fill(),
-                fill,
-                "{mode:?}: the memory kept nothing"
-            );
-            assert_eq!(
-                trainer.cross_iteration_records(),
-                records,
-                "{mode:?}: the window kept nothing"
-            );
-            for ((name, old), (_, new)) in before.iter().zip(weights(&trainer)) {
-                assert!(old.equal(&new), "{mode:?}: {name} changed");
+            for poison in ["NaN inputs", "NaN loss term"] {
+                // Twins: the first also sees a poisoned batch between its steps.
+                let mut twins: Vec<Trainer> = (0..2)
+                    .map(|_| {
+                        tch::manual_seed(4);
+                        let mut t = Trainer::new(spec(), test_device(), 1e-2, CONTRASTIVE).unwrap();
+                        t.set_norm(NormSettings {
+                            mode,
+                            window: 3,
+                            burnin: 1,
+                        })
+                        .unwrap();
+                        t.set_memory(MemorySettings {
+                            size: 64,
+                            start_step: 0,
+                            weight: 1.0,
+                            max_age: None,
+                        });
+                        t
+                    })
+                    .collect();
+                for twin in &mut twins {
+                    // Three steps: past burn-in, and the window is full (it drops a record
+                    // on every further step).
+                    for round in 0..3 {
+                        twin.step(&batch(round), 1e-2).unwrap();
+                    }
+                }
+                let (fill, records) = (twins[0].memory_fill(), twins[0].cross_iteration_records());
+                let error = match poison {
+                    "NaN inputs" => twins[0].step(&nan_inputs, 1e-2),
+                    _ => twins[0].step_with(&batch(98), 1e-2, Some(&mut nan_term)),
+                }
+                .unwrap_err();
+                let case = format!("{mode:?}, {poison}");
+                assert!(
+                    matches!(error, TrainError::NonFiniteLoss { .. }),
+                    "{case}: {error}"
+                );
+                assert_eq!(twins[0].steps_done(), 3, "{case}");
+                assert!(twins[0].weights_finite().unwrap(), "{case}");
+                assert_eq!(
+                    twins[0].memory_fill(),
+                    fill,
+                    "{case}: the memory kept nothing"
+                );
+                assert_eq!(twins[0].cross_iteration_records(), records, "{case}");
+                // Both take the same next steps; everything must come out identical.
+                for twin in &mut twins {
+                    for round in 3..5 {
+                        assert!(twin.step(&batch(round), 1e-2).unwrap().loss.is_finite());
+                    }
+                }
+                let (a, b) = (twins[0].variables().unwrap(), twins[1].variables().unwrap());
+                for (name, value) in &a {
+                    assert!(
+                        value.equal(&b[name]),
+                        "{case}: {name} differs from the twin's"
+                    );
+                }
             }
-            // Training goes on from the unchanged state.
-            let next = trainer.step(&toy_batch(&data, 8), 1e-2).unwrap();
-            assert!(next.loss.is_finite(), "{mode:?}");
         }
+    }
+
+    #[test]
+    fn weights_finite_sees_a_nan_statistic() {
+        let trainer = Trainer::new(spec(), test_device(), 1e-2, CONTRASTIVE).unwrap();
+        assert!(trainer.weights_finite().unwrap());
+        let _ = tch::no_grad(|| {
+            trainer.vs.variables()["stem_bn.running_var"]
+                .shallow_clone()
+                .fill_(f64::NAN)
+        });
+        assert!(!trainer.weights_finite().unwrap());
     }
 
     #[test]

@@ -522,6 +522,12 @@ fn publish(
     session: &mut Session,
 ) -> anyhow::Result<(u64, Option<f64>)> {
     let store = &context.store;
+    // A model with NaN in its weights or statistics would make every write and query fail
+    // once live; it is never published.
+    anyhow::ensure!(
+        session.trainer.weights_finite()?,
+        "not published: the weights are not finite (training diverged)"
+    );
     let drift = match session.probe.as_mut() {
         Some(probe) => {
             let now = session.trainer.embed_eval(&probe.inputs)?;
@@ -530,8 +536,6 @@ fn publish(
                 .f_sum_dim_intlist([1i64].as_slice(), false, tch::Kind::Float)?
                 .f_mean(tch::Kind::Double)?
                 .f_double_value(&[])?;
-            // A model that embeds the probe set into NaN would make every write and query
-            // fail once live; it is never published.
             anyhow::ensure!(
                 drift.is_finite(),
                 "not published: the probe embeddings are not finite (the weights diverged)"

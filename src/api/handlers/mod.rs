@@ -108,8 +108,8 @@ async fn prepare_inputs(
     Ok(prepared.into_iter().map(|p| p.values).collect())
 }
 
-/// Runs blocking store/index work off the async runtime.
-async fn blocking<T, F>(work: F) -> Result<T, ApiError>
+/// Runs blocking work (store, index, large JSON bodies) off the async runtime.
+pub(super) async fn blocking<T, F>(work: F) -> Result<T, ApiError>
 where
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,
     T: Send + 'static,

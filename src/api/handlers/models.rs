@@ -4,7 +4,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{blocking, live_generation};
+use super::blocking;
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::registry::{BuildError, LastBuild};
@@ -101,7 +101,6 @@ pub async fn activate_model(
     let version: u64 = version
         .parse()
         .map_err(|_| ApiError::not_found(format!("no generation {version:?}")))?;
-    live_generation(&state)?;
     let store = state.store.clone();
     let records = blocking(move || store.generations().map_err(ApiError::internal)).await?;
     let record = records
