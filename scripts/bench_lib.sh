@@ -13,17 +13,18 @@ use_private_binary() {
 }
 
 # ensure_glyphs: renders the many-class glyph dataset into $GLYPHS_DIR once and reuses it while
-# the parameters match.
+# the parameters match. `params` is written last, so a rendering that did not finish is
+# rendered again instead of being benchmarked.
 ensure_glyphs() {
-    if [[ ! -d "$GLYPHS_DIR/train" || ! -d "$GLYPHS_DIR/test" ]]; then
+    if [[ ! -f "$GLYPHS_DIR/params" ]]; then
+        rm -rf "$GLYPHS_DIR/train" "$GLYPHS_DIR/test"
         echo "rendering $CLASSES glyph classes into $GLYPHS_DIR" >&2
         font_args=()
         [[ "$MAX_FONTS" != 0 ]] && font_args=(--max-fonts "$MAX_FONTS")
         "$BIN" glyphs --out "$GLYPHS_DIR" --classes "$CLASSES" --size "$SIZE" \
             --test-fraction 0.5 "${font_args[@]}" >&2
         echo "classes=$CLASSES max_fonts=$MAX_FONTS size=$SIZE" > "$GLYPHS_DIR/params"
-    elif [[ -f "$GLYPHS_DIR/params" ]] &&
-         [[ "$(cat "$GLYPHS_DIR/params")" != "classes=$CLASSES max_fonts=$MAX_FONTS size=$SIZE" ]]; then
+    elif [[ "$(cat "$GLYPHS_DIR/params")" != "classes=$CLASSES max_fonts=$MAX_FONTS size=$SIZE" ]]; then
         echo "warning: $GLYPHS_DIR was rendered with $(cat "$GLYPHS_DIR/params"); reusing it" >&2
     fi
 }

@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ITEMS=${ITEMS:-2000}
+[ "$ITEMS" -le 10000 ] || { echo "ITEMS is at most 10000 (the Fashion-MNIST t10k set)" >&2; exit 1; }
 DURATION=${DURATION:-60}
 CONNECTIONS=${CONNECTIONS:-8}
 PUBLISH_EVERY=${PUBLISH_EVERY:-100}
@@ -25,16 +26,21 @@ CROSSBATCH__TRAINER__PUBLISH_EVERY=$PUBLISH_EVERY CROSSBATCH__TRAINER__DUTY_CYCL
 CROSSBATCH__TRAINER__REEMBED_RATE=0 RUST_LOG=warn \
   "$BIN" serve --addr 127.0.0.1:0 --data-dir "$WORK/data" >"$WORK/stdout" 2>"$WORK/stderr" &
 SERVER_PID=$!
-for _ in $(seq 600); do
-  grep -q "listening on" "$WORK/stdout" 2>/dev/null && break
-  sleep 0.1
+# Waits (at most 5 minutes) for the server to listen and be ready; stops with its log if it
+# exits or never gets there.
+URL=""
+for _ in $(seq 1500); do
+  kill -0 "$SERVER_PID" 2>/dev/null || { echo "the server exited:" >&2; cat "$WORK/stderr" >&2; exit 1; }
+  [ -n "$URL" ] || URL=$(sed -n 's/^crossbatch listening on //p' "$WORK/stdout")
+  [ -n "$URL" ] && curl -sf "$URL/readyz" >/dev/null && break
+  sleep 0.2
 done
-URL=$(sed -n 's/^crossbatch listening on //p' "$WORK/stdout")
-until curl -sf "$URL/readyz" >/dev/null; do sleep 0.2; done
+curl -sf "$URL/readyz" >/dev/null || { echo "the server never became ready:" >&2; cat "$WORK/stderr" >&2; exit 1; }
 
 "$BIN" import --server "$URL" --format idx --id-prefix fm- --limit "$ITEMS" \
   --labels /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz \
-  /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz 2>/dev/null
+  /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz 2>"$WORK/import.log" ||
+  { echo "import failed:" >&2; cat "$WORK/import.log" >&2; exit 1; }
 
 cat >"$WORK/search.lua" <<LUA
 -- Half the queries embed a random tensor (model + index), half search by stored item.

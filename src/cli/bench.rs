@@ -65,6 +65,10 @@ pub struct BenchArgs {
 
 /// Runs the benchmarks and prints one table per part.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.queries > 0 && args.vectors > 0,
+        "--queries and --vectors must be positive"
+    );
     if !args.skip_embed {
         embed_benchmark(&args)?;
     }
@@ -272,7 +276,9 @@ fn search_benchmark(args: &BenchArgs) -> anyhow::Result<()> {
         .zip(&exact)
         .map(|(a, e)| a.iter().filter(|key| e.contains(key)).count())
         .sum();
-    let recall = found as f64 / (queries.len() * k) as f64;
+    // Exact search returns fewer than k hits when there are fewer than k vectors.
+    let wanted: usize = exact.iter().map(Vec::len).sum();
+    let recall = found as f64 / wanted.max(1) as f64;
 
     println!(
         "\nSearch ({} clustered unit vectors, dim {}, {} queries, k = {k}, M = {}, ef_construction = {}, ef_search = {}; build {build_seconds:.1} s)",

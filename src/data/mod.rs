@@ -257,18 +257,19 @@ fn is_image_file(path: &Path) -> bool {
             .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
 }
 
-/// Reads `root/CLASS/*.png|jpg|jpeg`, classes and files in sorted order.
+/// Reads `root/CLASS/*.png|jpg|jpeg`, classes and files in sorted order; hidden folders
+/// (named `.…`, such as `.git`) are not classes.
 pub fn load_image_folder(root: &Path, limit: Option<usize>) -> Result<Dataset, DataError> {
     let keep = limit.unwrap_or(usize::MAX);
     let mut samples = Vec::new();
     for class_dir in sorted_entries(root)? {
-        if !class_dir.is_dir() {
-            continue;
-        }
         let label = class_dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        if !class_dir.is_dir() || label.starts_with('.') {
+            continue;
+        }
         for file in sorted_entries(&class_dir)? {
             if samples.len() >= keep {
                 return Ok(Dataset { samples });
@@ -410,6 +411,11 @@ mod tests {
         }
         std::fs::write(dir.path().join("b").join("notes.txt"), "x").unwrap();
         std::fs::write(dir.path().join("README"), "x").unwrap();
+        // A hidden folder with an image in it is not a class.
+        std::fs::create_dir(dir.path().join(".cache")).unwrap();
+        image::RgbImage::new(3, 2)
+            .save(dir.path().join(".cache").join("thumb.png"))
+            .unwrap();
         let a = args(DatasetFormat::Imagefolder, dir.path().to_path_buf(), None);
         let ds = load(&a).unwrap();
         assert_eq!(ds.labels(), vec!["a", "b", "b"]);
