@@ -2,6 +2,7 @@
 //! `eval --server` and `eval --model` agree on the same data, `train` writes a usable model.
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::{fashion_images, upsert_images, Server, FMNIST_IMAGES, FMNIST_LABELS};
@@ -22,6 +23,29 @@ fn crossbatch(args: &[&str]) -> (String, String) {
         "crossbatch {args:?} failed: {stderr}"
     );
     (stdout, stderr)
+}
+
+/// Runs `crossbatch train` on the first `limit` Fashion-MNIST test images for `steps` steps on
+/// the CPU into `out`, with `options` added; returns its stdout and stderr.
+fn train(out: &Path, limit: &str, steps: &str, options: &[&str]) -> (String, String) {
+    let mut args = vec![
+        "train",
+        "--format",
+        "idx",
+        "--labels",
+        FMNIST_LABELS,
+        "--limit",
+        limit,
+        "--steps",
+        steps,
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(options);
+    args.push(FMNIST_IMAGES);
+    crossbatch(&args)
 }
 
 #[test]
@@ -84,24 +108,7 @@ fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() 
     let out = tempfile::tempdir().unwrap();
     let model_dir = out.path().join("model");
     let model = model_dir.to_str().unwrap();
-    crossbatch(&[
-        "train",
-        "--format",
-        "idx",
-        "--labels",
-        FMNIST_LABELS,
-        "--limit",
-        "500",
-        "--steps",
-        "3",
-        "--batch-size",
-        "32",
-        "--device",
-        "cpu",
-        "--out",
-        model,
-        FMNIST_IMAGES,
-    ]);
+    train(&model_dir, "500", "3", &["--batch-size", "32"]);
     assert!(model_dir.join("model.toml").exists());
     let report: Value = serde_json::from_str(
         &crossbatch(&[
@@ -127,38 +134,29 @@ fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() 
     // Fine-tuning with every objective switch: multi-similarity, XBM, GradCache, frozen BN.
     let tuned_dir = out.path().join("tuned");
     let tuned = tuned_dir.to_str().unwrap();
-    let (stdout, stderr) = crossbatch(&[
-        "train",
-        "--format",
-        "idx",
-        "--labels",
-        FMNIST_LABELS,
-        "--limit",
+    let (stdout, stderr) = train(
+        &tuned_dir,
         "300",
-        "--steps",
         "3",
-        "--batch-size",
-        "40",
-        "--per-class",
-        "4",
-        "--device",
-        "cpu",
-        "--init",
-        "models/default",
-        "--loss",
-        "multi-similarity",
-        "--memory-size",
-        "64",
-        "--memory-start",
-        "1",
-        "--gradcache-chunk",
-        "16",
-        "--norm",
-        "frozen",
-        "--out",
-        tuned,
-        FMNIST_IMAGES,
-    ]);
+        &[
+            "--batch-size",
+            "40",
+            "--per-class",
+            "4",
+            "--init",
+            "models/default",
+            "--loss",
+            "multi-similarity",
+            "--memory-size",
+            "64",
+            "--memory-start",
+            "1",
+            "--gradcache-chunk",
+            "16",
+            "--norm",
+            "frozen",
+        ],
+    );
     let log = stdout + &stderr;
     assert!(log.contains("trained 3 steps"), "{log}");
     assert!(tuned_dir.join("model.safetensors").exists());
@@ -206,26 +204,12 @@ fn a_new_base_model_that_cannot_take_some_stored_items_leaves_them_out_and_start
 
     let out = tempfile::tempdir().unwrap();
     let small = out.path().join("small");
-    crossbatch(&[
-        "train",
-        "--format",
-        "idx",
-        "--labels",
-        FMNIST_LABELS,
-        "--limit",
+    train(
+        &small,
         "200",
-        "--steps",
         "1",
-        "--batch-size",
-        "32",
-        "--image-size",
-        "16",
-        "--device",
-        "cpu",
-        "--out",
-        small.to_str().unwrap(),
-        FMNIST_IMAGES,
-    ]);
+        &["--batch-size", "32", "--image-size", "16"],
+    );
     // Start-up re-embeds the gallery with the new 16×16 model: the images are resized, the
     // tensor item cannot be, and it stays stored but out of the index instead of failing
     // start-up.

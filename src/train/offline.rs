@@ -415,11 +415,11 @@ impl Trainer {
         let chunk = self.gradcache_chunk as i64;
         let train = self.norm.mode.uses_batch_statistics();
         if train {
-            tch::no_grad(|| {
+            copy_each(
                 self.running_statistics
                     .iter()
-                    .try_for_each(|(live, saved)| saved.shallow_clone().f_copy_(live).map(drop))
-            })?;
+                    .map(|(live, saved)| (saved, live)),
+            )?;
         }
         let (loss, emb, memory_rows) = if chunk == 0 || n <= chunk {
             let emb = self.net.forward(&inputs, train)?;
@@ -462,11 +462,11 @@ impl Trainer {
             // would write the non-finite gradients into the weights, and the memory would keep
             // the batch's embeddings.
             if train {
-                tch::no_grad(|| {
+                copy_each(
                     self.running_statistics
                         .iter()
-                        .try_for_each(|(live, saved)| live.shallow_clone().f_copy_(saved).map(drop))
-                })?;
+                        .map(|(live, saved)| (live, saved)),
+                )?;
                 if let Network::Builtin(net) = &self.net {
                     net.undo_cross_iteration_forward();
                 }
@@ -824,6 +824,16 @@ pub(crate) mod test_support {
             class_names: (0..4).map(|c| c.to_string()).collect(),
         }
     }
+}
+
+/// Copies each `(target, source)` pair in place, outside autograd.
+fn copy_each<'a>(pairs: impl Iterator<Item = (&'a Tensor, &'a Tensor)>) -> Result<(), TrainError> {
+    tch::no_grad(|| {
+        for (target, source) in pairs {
+            target.shallow_clone().f_copy_(source)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
