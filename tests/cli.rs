@@ -25,9 +25,14 @@ fn crossbatch(args: &[&str]) -> (String, String) {
     (stdout, stderr)
 }
 
-/// Runs `crossbatch train` on the first `limit` Fashion-MNIST test images for `steps` steps on
-/// the CPU into `out`, with `options` added; returns its stdout and stderr.
-fn train(out: &Path, limit: &str, steps: &str, options: &[&str]) -> (String, String) {
+/// The arguments of `crossbatch train` on the first `limit` Fashion-MNIST test images for
+/// `steps` steps on the CPU into `out`, with `options` added.
+fn train_args<'a>(
+    out: &'a Path,
+    limit: &'a str,
+    steps: &'a str,
+    options: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec![
         "train",
         "--format",
@@ -45,7 +50,12 @@ fn train(out: &Path, limit: &str, steps: &str, options: &[&str]) -> (String, Str
     ];
     args.extend(options);
     args.push(FMNIST_IMAGES);
-    crossbatch(&args)
+    args
+}
+
+/// Runs [`train_args`], asserts success, returns its stdout and stderr.
+fn train(out: &Path, limit: &str, steps: &str, options: &[&str]) -> (String, String) {
+    crossbatch(&train_args(out, limit, steps, options))
 }
 
 #[test]
@@ -133,7 +143,6 @@ fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() 
 
     // Fine-tuning with every objective switch: multi-similarity, XBM, GradCache, frozen BN.
     let tuned_dir = out.path().join("tuned");
-    let tuned = tuned_dir.to_str().unwrap();
     let (stdout, stderr) = train(
         &tuned_dir,
         "300",
@@ -163,26 +172,12 @@ fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() 
     // GradCache with batch statistics is refused with a clear message.
     let refused = Command::new(env!("CARGO_BIN_EXE_crossbatch"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "train",
-            "--format",
-            "idx",
-            "--labels",
-            FMNIST_LABELS,
-            "--limit",
+        .args(train_args(
+            &tuned_dir,
             "100",
-            "--steps",
             "1",
-            "--device",
-            "cpu",
-            "--gradcache-chunk",
-            "16",
-            "--norm",
-            "bn",
-            "--out",
-            tuned,
-            FMNIST_IMAGES,
-        ])
+            &["--gradcache-chunk", "16", "--norm", "bn"],
+        ))
         .output()
         .unwrap();
     assert!(!refused.status.success());
