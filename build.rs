@@ -7,9 +7,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// torch's library directory, found in the order torch-sys uses, so that the rpath and the
+/// CUDA library name the libtorch the binary links: the Python package when
+/// `LIBTORCH_USE_PYTORCH` is set, else `LIBTORCH_LIB` or `LIBTORCH`, else the Python package.
 fn torch_lib_dir() -> Option<PathBuf> {
-    if let Some(libtorch) = std::env::var_os("LIBTORCH") {
-        return Some(PathBuf::from(libtorch).join("lib"));
+    if std::env::var_os("LIBTORCH_USE_PYTORCH").is_none() {
+        if let Some(lib) = std::env::var_os("LIBTORCH_LIB").or_else(|| std::env::var_os("LIBTORCH"))
+        {
+            return Some(PathBuf::from(lib).join("lib"));
+        }
     }
     let python = if std::env::var_os("VIRTUAL_ENV").is_some() {
         "python"
@@ -31,7 +37,9 @@ fn torch_lib_dir() -> Option<PathBuf> {
 }
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    for variable in ["LIBTORCH", "LIBTORCH_LIB", "LIBTORCH_USE_PYTORCH"] {
+        println!("cargo:rerun-if-env-changed={variable}");
+    }
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
     println!("cargo:rerun-if-changed=build.rs");
     let Some(lib_dir) = torch_lib_dir() else {

@@ -156,12 +156,60 @@ impl Config {
             let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
             merge(&mut merged, env_layer(&path, &raw));
         }
-        merged
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                origin: "merged layers".into(),
-                message: e.to_string(),
-            })
+        let config: Config =
+            merged
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    origin: "merged layers".into(),
+                    message: e.to_string(),
+                })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            origin: "merged layers".into(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Values that parse but could never work (a refusal of every request, a panic in a
+    /// worker thread, an allocation of exabytes) are refused at start-up, named.
+    fn validate(&self) -> Result<(), String> {
+        let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_owned()) };
+        let (batching, trainer) = (&self.batching, &self.trainer);
+        check(
+            self.server.body_limit_bytes >= 1024,
+            "server.body_limit_bytes must be at least 1024",
+        )?;
+        check(
+            self.model.threads <= 1024,
+            "model.threads must be at most 1024 (0 = libtorch's default)",
+        )?;
+        check(
+            batching.max_inputs_per_request >= 1,
+            "batching.max_inputs_per_request must be at least 1",
+        )?;
+        check(
+            batching.queue_capacity >= batching.max_inputs_per_request,
+            "batching.queue_capacity must be at least batching.max_inputs_per_request (a larger \
+             request could never be admitted)",
+        )?;
+        check(self.search.max_k >= 1, "search.max_k must be at least 1")?;
+        check(
+            (1..=1 << 32).contains(&self.index.max_elements),
+            "index.max_elements must be 1 to 2^32",
+        )?;
+        check(
+            trainer.duty_cycle.is_finite() && trainer.duty_cycle > 0.0 && trainer.duty_cycle <= 1.0,
+            "trainer.duty_cycle must be in (0, 1]",
+        )?;
+        check(
+            trainer.reembed_rate == 0.0
+                || (trainer.reembed_rate.is_finite() && trainer.reembed_rate >= 1.0),
+            "trainer.reembed_rate must be 0 (unlimited) or at least 1 item per second",
+        )?;
+        check(
+            trainer.lr.is_finite() && trainer.lr > 0.0,
+            "trainer.lr must be positive",
+        )
     }
 
     /// Reads the configuration as `serve` does: optional file plus the process environment.
@@ -257,6 +305,26 @@ mod tests {
             Config::load(None, env).is_err(),
             "a misspelt index key is an error"
         );
+        for (key, value, named) in [
+            ("TRAINER__DUTY_CYCLE", "nan", "duty_cycle"),
+            ("TRAINER__DUTY_CYCLE", "0", "duty_cycle"),
+            ("TRAINER__REEMBED_RATE", "1e-300", "reembed_rate"),
+            ("TRAINER__LR", "-1", "lr"),
+            ("MODEL__THREADS", "4294967296", "threads"),
+            ("INDEX__MAX_ELEMENTS", "9000000000000000000", "max_elements"),
+            ("BATCHING__QUEUE_CAPACITY", "8", "queue_capacity"),
+            (
+                "BATCHING__MAX_INPUTS_PER_REQUEST",
+                "0",
+                "max_inputs_per_request",
+            ),
+            ("SEARCH__MAX_K", "0", "max_k"),
+            ("SERVER__BODY_LIMIT_BYTES", "10", "body_limit_bytes"),
+        ] {
+            let env = vec![(format!("CROSSBATCH__{key}"), value.to_string())];
+            let error = Config::load(None, env).unwrap_err().to_string();
+            assert!(error.contains(named), "{key}={value}: {error}");
+        }
         let env = vec![("CROSSBATCH__INDEX__M".to_string(), "many".to_string())];
         assert!(Config::load(None, env).is_err());
     }

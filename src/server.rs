@@ -111,11 +111,17 @@ pub async fn start(
     let addr = listener.local_addr()?;
 
     let loader_state = state.clone();
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = load_first_generation(&loader_state) {
-            tracing::error!("start-up failed: {e:#}");
-            std::process::exit(1);
-        }
+    let loader = tokio::task::spawn_blocking(move || load_first_generation(&loader_state));
+    // A server that cannot load its model exits, so that a supervisor sees it: an error and a
+    // panic alike (a dropped handle would swallow the panic and leave it unready forever).
+    tokio::spawn(async move {
+        let failure = match loader.await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(panic) => format!("the loader panicked: {panic}"),
+        };
+        tracing::error!("start-up failed: {failure}");
+        std::process::exit(1);
     });
 
     spawn_compactor(Arc::downgrade(&state.registry));
@@ -186,13 +192,21 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
         tch::set_num_threads(config.model.threads as i32);
     }
     let store = &state.store;
-    let (version, model_dir) = resolve_active_model(store, &config.model.dir)?;
+    let active = resolve_active_model(store, &config.model.dir)?;
+    let (version, model_dir) = (active.version, active.dir.clone());
     let (embedder, info) = Embedder::start(
         &model_dir,
         &config.model.device,
         batching_limits(config),
         state.metrics.clone(),
     )?;
+    // A new base model becomes the active generation only once it has loaded: one that fails
+    // leaves the store serving what it served before.
+    if let Some(base) = active.new_base {
+        store.record_generation(&base.record)?;
+        store.set_meta(META_ACTIVE_VERSION, &version.to_string())?;
+        store.set_meta(META_BASE_FINGERPRINT, &base.fingerprint)?;
+    }
     tracing::info!(model = %info.spec.name, version, device = %info.device, "model loaded and warm");
     reembed_stale(store, &embedder, &info.spec, version)?;
 
@@ -256,9 +270,23 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The model start-up serves.
+struct ActiveModel {
+    version: u64,
+    dir: PathBuf,
+    /// Set when the configured base model changed: recorded once the model has loaded.
+    new_base: Option<NewBase>,
+}
+
+/// A configured base model the store has not seen: its generation record and fingerprint.
+struct NewBase {
+    record: GenerationRecord,
+    fingerprint: String,
+}
+
 /// Which model is active: the configured base model if it changed since the store last saw
 /// it (it becomes a new generation), else the generation recorded as active.
-fn resolve_active_model(store: &Store, base_dir: &Path) -> anyhow::Result<(u64, PathBuf)> {
+fn resolve_active_model(store: &Store, base_dir: &Path) -> anyhow::Result<ActiveModel> {
     let base_dir = std::fs::canonicalize(base_dir)
         .with_context(|| format!("model directory {}", base_dir.display()))?;
     let spec = ModelSpec::load(&base_dir)?;
@@ -266,15 +294,20 @@ fn resolve_active_model(store: &Store, base_dir: &Path) -> anyhow::Result<(u64, 
     let generations = store.generations()?;
     if store.get_meta(META_BASE_FINGERPRINT)?.as_deref() != Some(fingerprint.as_str()) {
         let version = generations.last().map_or(0, |g| g.version) + 1;
-        store.record_generation(&GenerationRecord {
+        let record = GenerationRecord {
             version,
             model_dir: base_dir.clone(),
             created_unix: unix_now(),
             details: serde_json::json!({ "origin": "base", "name": spec.name }),
-        })?;
-        store.set_meta(META_ACTIVE_VERSION, &version.to_string())?;
-        store.set_meta(META_BASE_FINGERPRINT, &fingerprint)?;
-        return Ok((version, base_dir));
+        };
+        return Ok(ActiveModel {
+            version,
+            dir: base_dir,
+            new_base: Some(NewBase {
+                record,
+                fingerprint,
+            }),
+        });
     }
     let active: u64 = store
         .get_meta(META_ACTIVE_VERSION)?
@@ -284,7 +317,11 @@ fn resolve_active_model(store: &Store, base_dir: &Path) -> anyhow::Result<(u64, 
         .into_iter()
         .find(|g| g.version == active)
         .with_context(|| format!("active generation {active} is not recorded"))?;
-    Ok((active, record.model_dir))
+    Ok(ActiveModel {
+        version: active,
+        dir: record.model_dir,
+        new_base: None,
+    })
 }
 
 /// Seconds since the Unix epoch.
@@ -333,7 +370,7 @@ fn model_fingerprint(dir: &Path, spec: &ModelSpec) -> anyhow::Result<String> {
         dir.join(crate::model::spec::SPEC_FILE),
         dir.join(&spec.weights),
     ] {
-        for byte in std::fs::read(&file)? {
+        for byte in std::fs::read(&file).with_context(|| format!("reading {}", file.display()))? {
             hash ^= u64::from(byte);
             hash = hash.wrapping_mul(0x0100_0000_01b3);
         }

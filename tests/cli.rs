@@ -226,3 +226,64 @@ fn a_new_base_model_that_cannot_take_some_stored_items_leaves_them_out_and_start
     assert_eq!(status, 200, "{found}");
     assert_eq!(found["results"][0]["id"], "img3");
 }
+
+#[test]
+fn a_base_model_that_fails_to_load_does_not_become_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    upsert_images(&server, "img", &fashion_images(5));
+    server.kill();
+
+    // The shipped model with its weights cut short: its spec reads, its weights do not load.
+    let broken = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    std::fs::copy(shipped.join("model.toml"), broken.path().join("model.toml")).unwrap();
+    let weights = std::fs::read(shipped.join("model.safetensors")).unwrap();
+    std::fs::write(
+        broken.path().join("model.safetensors"),
+        &weights[..weights.len() / 2],
+    )
+    .unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_crossbatch"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--model",
+        ])
+        .arg(broken.path())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "error")
+        .env("CROSSBATCH__TRAINER__ENABLED", "false")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            panic!("a server whose model cannot load kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{status}");
+
+    // Back on the shipped model: the first generation is still the active one, and the
+    // broken model left no generation behind.
+    let server = Server::start(dir.path(), &[]);
+    let (_, models) = server.get("/v1/models");
+    assert_eq!(models["active"], 1, "{models}");
+    assert_eq!(
+        models["generations"].as_array().unwrap().len(),
+        1,
+        "{models}"
+    );
+    assert_eq!(server.item_count(), 5);
+}

@@ -52,7 +52,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
         let server = crate::server::start(config, async move {
             shutdown_signal().await;
@@ -70,7 +70,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         });
         server.wait().await
-    })
+    });
+    // Blocking work still running (a start-up re-embedding a large store) gets the same grace
+    // as requests, instead of holding the process until it ends.
+    runtime.shutdown_timeout(grace);
+    served
 }
 
 async fn shutdown_signal() {

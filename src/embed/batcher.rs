@@ -5,7 +5,8 @@
 //! [`EmbedError::QueueFull`] (HTTP 429) instead of waiting. The inference thread owns the model
 //! and every tensor; it takes the first waiting job, then gathers more until `max_batch`
 //! inputs or `max_wait` has passed, runs one forward pass under `no_grad` and answers each job
-//! over its own one-shot channel.
+//! over its own one-shot channel. Background work ([`Embedder::embed_blocking`]) is never
+//! refused: it waits for room instead.
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -125,30 +126,51 @@ impl Embedder {
         }
     }
 
-    /// Like [`Embedder::embed`], for plain threads (never call it on the async runtime).
+    /// Like [`Embedder::embed`], for background work on plain threads (builds, start-up,
+    /// writes re-embedded during a swap; never call it on the async runtime). It is never
+    /// refused for a full queue: it goes in as jobs that fit the queue, each waiting for room.
     pub fn embed_blocking(&self, inputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, EmbedError> {
-        match self.submit(inputs)? {
-            Some(answer) => answer.blocking_recv().map_err(|_| EmbedError::Stopped)?,
-            None => Ok(Vec::new()),
+        let capacity = self.limits.queue_capacity.max(1);
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut inputs = inputs.into_iter().peekable();
+        while inputs.peek().is_some() {
+            let job: Vec<Vec<f32>> = inputs.by_ref().take(capacity).collect();
+            while !self.admit(job.len()) {
+                std::thread::sleep(QUEUE_FULL_WAIT);
+            }
+            let answer = self.enqueue(job)?;
+            out.extend(answer.blocking_recv().map_err(|_| EmbedError::Stopped)??);
         }
+        Ok(out)
     }
 
-    /// Admits a job (or refuses it at once when the queue is full) and returns the channel
-    /// its answer arrives on; `None` for an empty job.
+    /// Admits a request's job (or refuses it at once when the queue is full) and returns the
+    /// channel its answer arrives on; `None` for an empty job.
     fn submit(&self, inputs: Vec<Vec<f32>>) -> Result<Option<PendingAnswer>, EmbedError> {
-        let n = inputs.len();
-        if n == 0 {
+        if inputs.is_empty() {
             return Ok(None);
         }
+        if !self.admit(inputs.len()) {
+            return Err(EmbedError::QueueFull {
+                capacity: self.limits.queue_capacity,
+            });
+        }
+        self.enqueue(inputs).map(Some)
+    }
+
+    /// Counts `n` inputs into the queue if they fit.
+    fn admit(&self, n: usize) -> bool {
         let capacity = self.limits.queue_capacity;
-        let admitted = self
-            .queued
+        self.queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
                 (queued + n <= capacity).then_some(queued + n)
-            });
-        if admitted.is_err() {
-            return Err(EmbedError::QueueFull { capacity });
-        }
+            })
+            .is_ok()
+    }
+
+    /// Sends admitted inputs to the inference thread (undoing the admission if it stopped).
+    fn enqueue(&self, inputs: Vec<Vec<f32>>) -> Result<PendingAnswer, EmbedError> {
+        let n = inputs.len();
         self.metrics.queue_depth.add(n as i64);
         let (reply, answer) = tokio::sync::oneshot::channel();
         if self.sender.send(Job { inputs, reply }).is_err() {
@@ -156,9 +178,12 @@ impl Embedder {
             self.metrics.queue_depth.sub(n as i64);
             return Err(EmbedError::Stopped);
         }
-        Ok(Some(answer))
+        Ok(answer)
     }
 }
+
+/// How long background work waits before asking again for room in a full queue.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 
 type PendingAnswer = tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>, EmbedError>>;
 
@@ -176,9 +201,13 @@ fn load_and_warm(dir: &Path, device: &str, max_batch: usize) -> Result<LoadedMod
     let device = crate::model::parse_device(device).map_err(|e| EmbedError::Load(e.to_string()))?;
     let model = LoadedModel::load(dir, device).map_err(|e| EmbedError::Load(e.to_string()))?;
     let numel = model.spec().input.numel();
-    model
-        .embed_values(&vec![0f32; numel * max_batch.max(1)], max_batch.max(1))
-        .map_err(|e| EmbedError::Load(format!("warm-up failed: {e}")))?;
+    // Both ends of the batch sizes it will see: an exported model can treat one input
+    // differently (a `squeeze()` turns [1, D] into [D]).
+    for n in [1, max_batch.max(1)] {
+        model
+            .embed_values(&vec![0f32; numel * n], n)
+            .map_err(|e| EmbedError::Load(format!("warm-up with {n} inputs failed: {e}")))?;
+    }
     Ok(model)
 }
 
@@ -263,5 +292,84 @@ fn run_jobs(
             None => Ok(outputs.by_ref().take(job.inputs.len()).collect()),
         };
         let _ = job.reply.send(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_work_larger_than_the_queue_goes_in_as_jobs_that_fit() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+        let limits = BatchingLimits {
+            max_batch: 3,
+            max_wait: Duration::from_millis(1),
+            queue_capacity: 4,
+        };
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (embedder, info) = Embedder::start(&dir, "cpu", limits, metrics).unwrap();
+        let numel = info.spec.input.numel();
+        let inputs: Vec<Vec<f32>> = (0..10).map(|i| vec![i as f32 * 0.1 - 0.5; numel]).collect();
+        // A request that large is refused at once ...
+        assert!(matches!(
+            embedder.submit(inputs.clone()),
+            Err(EmbedError::QueueFull { capacity: 4 })
+        ));
+        // ... background work goes in as jobs of at most 4, answered in order.
+        let all = embedder.embed_blocking(inputs.clone()).unwrap();
+        assert_eq!(all.len(), inputs.len());
+        for (input, embedded) in inputs.iter().zip(&all) {
+            let alone = embedder.embed_blocking(vec![input.clone()]).unwrap();
+            let gap = alone[0]
+                .iter()
+                .zip(embedded)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(gap < 1e-5, "{gap}");
+        }
+        assert_eq!(
+            embedder.queued.load(Ordering::Acquire),
+            0,
+            "the queue drained"
+        );
+    }
+    #[test]
+    fn a_model_that_fails_on_a_single_input_is_refused_at_warm_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let pt = dir.path().join("model.pt");
+        // `squeeze()` turns the [1, 3] answer to one input into [3].
+        let source = "import os, torch\n\
+                      class M(torch.nn.Module):\n\
+                      \x20   def forward(self, x):\n\
+                      \x20       f = x.flatten(1)\n\
+                      \x20       return torch.stack([f.sum(1), f[:, 0], f[:, 1] + 1.0], 1).squeeze()\n\
+                      torch.jit.script(M()).save(os.environ['OUT'])\n";
+        if !crate::model::test_support::export_torchscript(source, &pt) {
+            return;
+        }
+        let spec = ModelSpec {
+            name: "squeezes".into(),
+            format: crate::model::spec::ModelFormat::Torchscript,
+            architecture: "test-squeeze".into(),
+            widths: vec![],
+            input: crate::model::spec::gray_test_spec(2),
+            embedding_dim: 3,
+            weights: "model.pt".into(),
+        };
+        spec.save(dir.path()).unwrap();
+        let limits = BatchingLimits {
+            max_batch: 4,
+            max_wait: Duration::from_millis(1),
+            queue_capacity: 8,
+        };
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let Err(error) = Embedder::start(dir.path(), "cpu", limits, metrics) else {
+            panic!("a model that fails on one input passed warm-up");
+        };
+        assert!(
+            matches!(&error, EmbedError::Load(m) if m.contains("with 1 inputs")),
+            "{error}"
+        );
     }
 }

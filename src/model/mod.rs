@@ -88,14 +88,17 @@ pub fn check_builtin_spec(spec: &ModelSpec) -> Result<(), ModelError> {
             builtin::ARCHITECTURE
         )));
     }
-    if spec.widths.is_empty() || spec.widths.iter().any(|w| *w <= 0) {
+    if spec.widths.is_empty() || spec.widths.iter().any(|w| !(1..=MAX_WIDTH).contains(w)) {
         return Err(ModelError::Unsupported(format!(
-            "widths must be a non-empty list of positive channel counts, got {:?}",
+            "widths must be a non-empty list of channel counts from 1 to {MAX_WIDTH}, got {:?}",
             spec.widths
         )));
     }
     Ok(())
 }
+
+/// The most channels a stage of the built-in network may have.
+const MAX_WIDTH: i64 = 4096;
 
 /// Loads safetensors weights into `vs`, requiring exactly the store's variable names and
 /// shapes (no missing, extra or differently shaped tensors; dtypes are converted).
@@ -466,6 +469,37 @@ mod tests {
         assert!(err.to_string().contains("shape"), "{err}");
         Tensor::write_safetensors(&original, &path).unwrap();
         assert!(LoadedModel::load(dir.path(), Device::Cpu).is_ok());
+        // Values out of bounds are refused with a message naming them, before anything is
+        // allocated.
+        for (field, edit) in [
+            (
+                "widths",
+                Box::new(|s: &mut ModelSpec| s.widths = vec![4, 100_000])
+                    as Box<dyn Fn(&mut ModelSpec)>,
+            ),
+            (
+                "height",
+                Box::new(|s: &mut ModelSpec| s.input.height = 100_000),
+            ),
+            (
+                "embedding_dim",
+                Box::new(|s: &mut ModelSpec| s.embedding_dim = 10_000_000),
+            ),
+            (
+                "mean",
+                Box::new(|s: &mut ModelSpec| s.input.mean = vec![f32::NAN]),
+            ),
+            (
+                "std",
+                Box::new(|s: &mut ModelSpec| s.input.std = vec![1e-40]),
+            ),
+        ] {
+            let mut other = spec.clone();
+            edit(&mut other);
+            other.save(dir.path()).unwrap();
+            let err = LoadedModel::load(dir.path(), Device::Cpu).unwrap_err();
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
         // Unknown architecture.
         let mut other = spec.clone();
         other.architecture = "vit".into();

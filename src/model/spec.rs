@@ -96,8 +96,15 @@ pub enum SpecError {
     },
 }
 
+/// The largest input height and width a model may declare.
+pub const MAX_INPUT_SIDE: usize = 4096;
+/// The largest embedding dimension a model may declare.
+pub const MAX_EMBEDDING_DIM: usize = 65_536;
+/// The smallest normalisation std: below it, preprocessing turns pixels into infinities.
+const MIN_STD: f32 = 1e-6;
+
 impl ModelSpec {
-    /// Reads `DIR/model.toml` and checks that it is self-consistent.
+    /// Reads `DIR/model.toml` and checks that it is self-consistent and within bounds.
     pub fn load(dir: &Path) -> Result<Self, SpecError> {
         let path = dir.join(SPEC_FILE);
         let shown = path.display().to_string();
@@ -139,17 +146,30 @@ impl ModelSpec {
                 input.channels
             ));
         }
-        if input.height == 0 || input.width == 0 {
-            return Err("input.height and input.width must be positive".into());
+        if !(1..=MAX_INPUT_SIDE).contains(&input.height)
+            || !(1..=MAX_INPUT_SIDE).contains(&input.width)
+        {
+            return Err(format!(
+                "input.height and input.width must be 1 to {MAX_INPUT_SIDE}, got {} and {}",
+                input.height, input.width
+            ));
         }
         if input.mean.len() != input.channels || input.std.len() != input.channels {
             return Err("input.mean and input.std need one value per channel".into());
         }
-        if input.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err("input.std values must be positive".into());
+        if input.mean.iter().any(|m| !m.is_finite()) {
+            return Err("input.mean values must be finite".into());
         }
-        if self.embedding_dim == 0 {
-            return Err("embedding_dim must be positive".into());
+        if input.std.iter().any(|s| !(s.is_finite() && *s >= MIN_STD)) {
+            return Err(format!(
+                "input.std values must be finite and at least {MIN_STD}"
+            ));
+        }
+        if !(1..=MAX_EMBEDDING_DIM).contains(&self.embedding_dim) {
+            return Err(format!(
+                "embedding_dim must be 1 to {MAX_EMBEDDING_DIM}, got {}",
+                self.embedding_dim
+            ));
         }
         Ok(())
     }
