@@ -209,7 +209,11 @@ impl Config {
         check(
             trainer.lr.is_finite() && trainer.lr > 0.0,
             "trainer.lr must be positive",
-        )
+        )?;
+        trainer
+            .classes
+            .validate()
+            .map_err(|e| format!("trainer.classes: {e}"))
     }
 
     /// Reads the configuration as `serve` does: optional file plus the process environment.
@@ -320,6 +324,7 @@ mod tests {
             ),
             ("SEARCH__MAX_K", "0", "max_k"),
             ("SERVER__BODY_LIMIT_BYTES", "10", "body_limit_bytes"),
+            ("TRAINER__CLASSES__HEAD_WEIGHT", "-1", "head_weight"),
         ] {
             let env = vec![(format!("CROSSBATCH__{key}"), value.to_string())];
             let error = Config::load(None, env).unwrap_err().to_string();

@@ -102,6 +102,11 @@ impl From<EmbedError> for ApiError {
                 "queue_full",
                 error.to_string(),
             ),
+            EmbedError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_inputs",
+                error.to_string(),
+            ),
             EmbedError::Stopped => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_ready",

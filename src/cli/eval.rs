@@ -75,8 +75,8 @@ struct EmbedResponse {
     embeddings: Vec<Vec<f32>>,
 }
 
-/// Times the whole dataset is embedded again when the server swaps generations midway.
-const SWAP_RESTARTS: usize = 3;
+/// Passes over the dataset before giving up when the server swaps generations midway.
+const SWAP_PASSES: usize = 4;
 
 /// Embeds the dataset through a running server's `POST /v1/embed`, `batch_size` images per
 /// request. Every embedding of the result comes from one model generation: when the server
@@ -91,8 +91,7 @@ pub fn embed_with_server(
         .timeout(Duration::from_secs(300))
         .build()?;
     let url = format!("{}/v1/embed", server.trim_end_matches('/'));
-    let mut requests = Vec::new();
-    for chunk in dataset.samples.chunks(batch_size.max(1)) {
+    let body = |chunk: &[data::Sample]| -> anyhow::Result<serde_json::Value> {
         let mut inputs = Vec::with_capacity(chunk.len());
         for sample in chunk {
             let mut png = std::io::Cursor::new(Vec::new());
@@ -100,26 +99,27 @@ pub fn embed_with_server(
             let encoded = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
             inputs.push(serde_json::json!({ "image": encoded }));
         }
-        requests.push((chunk.len(), serde_json::json!({ "inputs": inputs })));
-    }
-    for _ in 0..=SWAP_RESTARTS {
+        Ok(serde_json::json!({ "inputs": inputs }))
+    };
+    for _ in 0..SWAP_PASSES {
         let bar = progress(dataset.len());
         let mut out = Vec::with_capacity(dataset.len());
         let mut version = None;
-        for (count, body) in &requests {
-            let answer = post_with_retry(&client, &url, body)?;
+        for chunk in dataset.samples.chunks(batch_size.max(1)) {
+            let answer = post_with_retry(&client, &url, &body(chunk)?)?;
             let answer: EmbedResponse = serde_json::from_value(answer)
                 .with_context(|| format!("POST {url}: bad response"))?;
             anyhow::ensure!(
-                answer.embeddings.len() == *count,
-                "POST {url}: {} embeddings for {count} inputs",
-                answer.embeddings.len()
+                answer.embeddings.len() == chunk.len(),
+                "POST {url}: {} embeddings for {} inputs",
+                answer.embeddings.len(),
+                chunk.len()
             );
             if *version.get_or_insert(answer.model_version) != answer.model_version {
                 break;
             }
             out.extend(answer.embeddings);
-            bar.inc(*count as u64);
+            bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();
         match version {
@@ -131,7 +131,7 @@ pub fn embed_with_server(
         }
     }
     anyhow::bail!(
-        "the server swapped generations {SWAP_RESTARTS} times during one pass over the dataset; \
+        "the server swapped generations during each of {SWAP_PASSES} passes over the dataset; \
          pause its trainer (POST /v1/trainer/pause) and evaluate again"
     )
 }

@@ -91,6 +91,7 @@ pub fn post_with_retry(
 ) -> anyhow::Result<serde_json::Value> {
     let deadline = std::time::Instant::now() + RETRY_FOR;
     let mut delay = Duration::from_millis(50);
+    let mut told = false;
     loop {
         let retry = match client.post(url).json(body).send() {
             Ok(response) => {
@@ -108,6 +109,10 @@ pub fn post_with_retry(
         };
         if std::time::Instant::now() + delay > deadline {
             anyhow::bail!("POST {url}: still {retry} after {RETRY_FOR:?} of retries");
+        }
+        if !told {
+            eprintln!("POST {url}: {retry}; retrying for up to {RETRY_FOR:?}");
+            told = true;
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(2));

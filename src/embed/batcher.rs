@@ -5,7 +5,7 @@
 //! [`EmbedError::QueueFull`] (HTTP 429) instead of waiting. The inference thread owns the model
 //! and every tensor; it takes the first waiting job, then gathers more until `max_batch`
 //! inputs or `max_wait` has passed, runs one forward pass under `no_grad` and answers each job
-//! over its own one-shot channel. Background work ([`Embedder::embed_blocking`]) is never
+//! over its own one-shot channel. Background work ([`Embedder::embed_background`]) is not
 //! refused: it waits for room instead.
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +23,14 @@ pub enum EmbedError {
     /// The queue is full; retry later.
     #[error("the inference queue is full ({capacity} inputs); retry later")]
     QueueFull {
+        /// Queue capacity in inputs.
+        capacity: usize,
+    },
+    /// One job holds more inputs than the whole queue: it could never be admitted.
+    #[error("{inputs} inputs in one job; the inference queue holds {capacity}")]
+    TooLarge {
+        /// Inputs in the job.
+        inputs: usize,
         /// Queue capacity in inputs.
         capacity: usize,
     },
@@ -91,13 +99,15 @@ impl Embedder {
         std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || {
-                let model = match load_and_warm(&dir, &device, limits.max_batch) {
-                    Ok(model) => model,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
+                let model =
+                    match load_and_warm(&dir, &device, limits.max_batch.min(limits.queue_capacity))
+                    {
+                        Ok(model) => model,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
                 let info = ModelInfo {
                     spec: model.spec().clone(),
                     device: device_name(model.device()),
@@ -126,16 +136,28 @@ impl Embedder {
         }
     }
 
-    /// Like [`Embedder::embed`], for background work on plain threads (builds, start-up,
-    /// writes re-embedded during a swap; never call it on the async runtime). It is never
-    /// refused for a full queue: it goes in as jobs that fit the queue, each waiting for room.
+    /// Like [`Embedder::embed`], for plain threads (never call it on the async runtime).
     pub fn embed_blocking(&self, inputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let capacity = self.limits.queue_capacity.max(1);
+        match self.submit(inputs)? {
+            Some(answer) => answer.blocking_recv().map_err(|_| EmbedError::Stopped)?,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Embeds background work (a build, start-up) on a plain thread. It is not refused for a
+    /// full queue: it goes in as jobs that fit the queue, each waiting for room — up to
+    /// [`BACKGROUND_WAIT`], after which the queue is taken to be stuck.
+    pub fn embed_background(&self, inputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let capacity = self.limits.queue_capacity;
         let mut out = Vec::with_capacity(inputs.len());
         let mut inputs = inputs.into_iter().peekable();
         while inputs.peek().is_some() {
-            let job: Vec<Vec<f32>> = inputs.by_ref().take(capacity).collect();
+            let job: Vec<Vec<f32>> = inputs.by_ref().take(capacity.max(1)).collect();
+            let deadline = Instant::now() + BACKGROUND_WAIT;
             while !self.admit(job.len()) {
+                if Instant::now() > deadline {
+                    return Err(EmbedError::QueueFull { capacity });
+                }
                 std::thread::sleep(QUEUE_FULL_WAIT);
             }
             let answer = self.enqueue(job)?;
@@ -144,11 +166,19 @@ impl Embedder {
         Ok(out)
     }
 
-    /// Admits a request's job (or refuses it at once when the queue is full) and returns the
+    /// Admits a request's job (or refuses it at once when the queue is full, or could never
+    /// hold it) and returns the
     /// channel its answer arrives on; `None` for an empty job.
     fn submit(&self, inputs: Vec<Vec<f32>>) -> Result<Option<PendingAnswer>, EmbedError> {
         if inputs.is_empty() {
             return Ok(None);
+        }
+        let capacity = self.limits.queue_capacity;
+        if inputs.len() > capacity {
+            return Err(EmbedError::TooLarge {
+                inputs: inputs.len(),
+                capacity,
+            });
         }
         if !self.admit(inputs.len()) {
             return Err(EmbedError::QueueFull {
@@ -184,6 +214,8 @@ impl Embedder {
 
 /// How long background work waits before asking again for room in a full queue.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
+/// How long background work waits for room for one job before giving up.
+pub const BACKGROUND_WAIT: Duration = Duration::from_secs(600);
 
 type PendingAnswer = tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>, EmbedError>>;
 
@@ -203,7 +235,12 @@ fn load_and_warm(dir: &Path, device: &str, max_batch: usize) -> Result<LoadedMod
     let numel = model.spec().input.numel();
     // Both ends of the batch sizes it will see: an exported model can treat one input
     // differently (a `squeeze()` turns [1, D] into [D]).
-    for n in [1, max_batch.max(1)] {
+    let largest = max_batch.max(1);
+    for n in if largest == 1 {
+        vec![1]
+    } else {
+        vec![1, largest]
+    } {
         model
             .embed_values(&vec![0f32; numel * n], n)
             .map_err(|e| EmbedError::Load(format!("warm-up with {n} inputs failed: {e}")))?;
@@ -311,13 +348,36 @@ mod tests {
         let (embedder, info) = Embedder::start(&dir, "cpu", limits, metrics).unwrap();
         let numel = info.spec.input.numel();
         let inputs: Vec<Vec<f32>> = (0..10).map(|i| vec![i as f32 * 0.1 - 0.5; numel]).collect();
-        // A request that large is refused at once ...
+        // A request larger than the whole queue is refused as such (413, not a 429 that no
+        // retry could fix) ...
         assert!(matches!(
             embedder.submit(inputs.clone()),
+            Err(EmbedError::TooLarge {
+                inputs: 10,
+                capacity: 4
+            })
+        ));
+        // ... background work goes in as jobs of at most 4, answered in order, and waits
+        // while the queue is full (here: taken by someone else for 100 ms).
+        assert!(embedder.admit(4));
+        assert!(matches!(
+            embedder.submit(inputs[..1].to_vec()),
             Err(EmbedError::QueueFull { capacity: 4 })
         ));
-        // ... background work goes in as jobs of at most 4, answered in order.
-        let all = embedder.embed_blocking(inputs.clone()).unwrap();
+        let held = std::thread::spawn({
+            let queued = embedder.queued.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(100));
+                queued.fetch_sub(4, Ordering::AcqRel);
+            }
+        });
+        let started = Instant::now();
+        let all = embedder.embed_background(inputs.clone()).unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(100),
+            "it waited for room"
+        );
+        held.join().unwrap();
         assert_eq!(all.len(), inputs.len());
         for (input, embedded) in inputs.iter().zip(&all) {
             let alone = embedder.embed_blocking(vec![input.clone()]).unwrap();

@@ -186,12 +186,12 @@ impl ResNetSmall {
         }
     }
 
-    /// Takes back what the last training-mode forward did to every cross-iteration window
-    /// (the trainer skipped that step).
-    pub fn undo_cross_iteration_forward(&self) {
+    /// Settles the last training-mode forward in every cross-iteration window: kept when the
+    /// trainer took the step (`taken`), taken back when it skipped it.
+    pub fn settle_cross_iteration_forward(&self, taken: bool) {
         for unit in self.units() {
             if let Some(cbn) = unit.cross_iteration.borrow_mut().as_mut() {
-                cbn.undo_last_forward();
+                cbn.settle_last_forward(taken);
             }
         }
     }

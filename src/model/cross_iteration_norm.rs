@@ -132,8 +132,8 @@ pub struct CrossIterationNorm {
     constants: NormConstants,
     records: VecDeque<Record>,
     steps: usize,
-    /// What the last training-mode forward changed, until the next one: a skipped training
-    /// step takes it back ([`CrossIterationNorm::undo_last_forward`]).
+    /// What the last training-mode forward changed, until the trainer settles it
+    /// ([`CrossIterationNorm::settle_last_forward`]).
     last_change: Option<WindowChange>,
 }
 
@@ -158,12 +158,16 @@ impl CrossIterationNorm {
         }
     }
 
-    /// Takes back what the last training-mode forward did to the window and the burn-in
-    /// count (the trainer skipped that step); does nothing the second time.
-    pub fn undo_last_forward(&mut self) {
+    /// Settles the last training-mode forward once the trainer knows whether it took that
+    /// step: keeps what it did to the window and the burn-in count (`taken`), or takes it
+    /// back. Does nothing a second time.
+    pub fn settle_last_forward(&mut self, taken: bool) {
         let Some(change) = self.last_change.take() else {
             return;
         };
+        if taken {
+            return;
+        }
         if change.pushed {
             self.records.pop_back();
         }

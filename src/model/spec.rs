@@ -97,9 +97,9 @@ pub enum SpecError {
 }
 
 /// The largest input height and width a model may declare.
-pub const MAX_INPUT_SIDE: usize = 4096;
+const MAX_INPUT_SIDE: usize = 4096;
 /// The largest embedding dimension a model may declare.
-pub const MAX_EMBEDDING_DIM: usize = 65_536;
+const MAX_EMBEDDING_DIM: usize = 65_536;
 /// The smallest normalisation std: below it, preprocessing turns pixels into infinities.
 const MIN_STD: f32 = 1e-6;
 

@@ -329,7 +329,7 @@ pub fn embed_stored(
             Err(e) => left_out(row, &e),
         }
     }
-    let vectors = embedder.embed_blocking(values)?;
+    let vectors = embedder.embed_background(values)?;
     Ok(usable
         .into_iter()
         .zip(vectors)

@@ -50,6 +50,8 @@ pub struct ClassFocus {
     /// Labels already given a proxy and offered to the replay memory in this session.
     remembered: HashSet<String>,
     replay_counter: i64,
+    /// Examples the store listed for each pending class when it was last read.
+    listed: HashMap<String, usize>,
     /// Numeric ids of focus examples the pool has not numbered (a class with one example),
     /// by example id, never reused.
     focus_ids: HashMap<String, i64>,
@@ -76,6 +78,7 @@ impl ClassFocus {
             learnt: Vec::new(),
             remembered: HashSet::new(),
             replay_counter: 0,
+            listed: HashMap::new(),
             focus_ids: HashMap::new(),
             in_batch: Vec::new(),
         })
@@ -120,19 +123,24 @@ impl ClassFocus {
         let pending_set: HashSet<&str> = pending.iter().map(String::as_str).collect();
         self.pending
             .retain(|label, _| pending_set.contains(label.as_str()));
+        self.listed
+            .retain(|label, _| pending_set.contains(label.as_str()));
         for label in &pending {
             let ids: Vec<String> = examples
                 .iter()
                 .filter(|e| &e.label == label)
                 .map(|e| e.id.clone())
                 .collect();
-            let known = self.pending.get(label).map_or(0, |p| p.examples.ids.len());
-            if ids.is_empty() || ids.len() == known {
+            // Read again only when the store lists another number of examples (some may be
+            // unusable by this model, so the count read is what is compared).
+            if ids.is_empty() || self.listed.get(label) == Some(&ids.len()) {
                 continue;
             }
+            self.listed.insert(label.clone(), ids.len());
             let class = read_class(store, label, &ids, &self.input)?;
             if class.values.is_empty() {
-                continue; // deleted since the listing
+                tracing::warn!(label, "no example of this pending class can be learnt from");
+                continue;
             }
             let steps = self.pending.get(label).map_or(0, |p| p.steps);
             self.learner

@@ -326,7 +326,8 @@ impl Trainer {
         })
     }
 
-    /// Whether every weight and BatchNorm statistic the trainer holds is finite.
+    /// Whether every weight the trainer holds is finite, and every BatchNorm statistic of the
+    /// built-in network (`tch` exposes no buffers of a TorchScript module).
     pub fn weights_finite(&self) -> Result<bool, TrainError> {
         for variable in self.vs.variables().values() {
             if variable.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
@@ -468,7 +469,7 @@ impl Trainer {
                         .map(|(live, saved)| (live, saved)),
                 )?;
                 if let Network::Builtin(net) = &self.net {
-                    net.undo_cross_iteration_forward();
+                    net.settle_cross_iteration_forward(false);
                 }
             }
             self.opt.zero_grad();
@@ -476,6 +477,9 @@ impl Trainer {
                 loss,
                 step: self.steps_done + 1,
             });
+        }
+        if let Network::Builtin(net) = &self.net {
+            net.settle_cross_iteration_forward(true);
         }
         if let Some(memory) = self
             .memory

@@ -522,8 +522,9 @@ fn publish(
     session: &mut Session,
 ) -> anyhow::Result<(u64, Option<f64>)> {
     let store = &context.store;
-    // A model with NaN in its weights or statistics would make every write and query fail
-    // once live; it is never published.
+    // A model with NaN in its weights (or, for the built-in network, its statistics) would
+    // make every write and query fail once live; it is never published. The probe set's
+    // embeddings are checked below as well.
     anyhow::ensure!(
         session.trainer.weights_finite()?,
         "not published: the weights are not finite (training diverged)"
