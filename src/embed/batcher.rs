@@ -167,8 +167,7 @@ impl Embedder {
     }
 
     /// Admits a request's job (or refuses it at once when the queue is full, or could never
-    /// hold it) and returns the
-    /// channel its answer arrives on; `None` for an empty job.
+    /// hold it) and returns the channel its answer arrives on; `None` for an empty job.
     fn submit(&self, inputs: Vec<Vec<f32>>) -> Result<Option<PendingAnswer>, EmbedError> {
         if inputs.is_empty() {
             return Ok(None);
@@ -181,9 +180,7 @@ impl Embedder {
             });
         }
         if !self.admit(inputs.len()) {
-            return Err(EmbedError::QueueFull {
-                capacity: self.limits.queue_capacity,
-            });
+            return Err(EmbedError::QueueFull { capacity });
         }
         self.enqueue(inputs).map(Some)
     }
@@ -235,12 +232,9 @@ fn load_and_warm(dir: &Path, device: &str, max_batch: usize) -> Result<LoadedMod
     let numel = model.spec().input.numel();
     // Both ends of the batch sizes it will see: an exported model can treat one input
     // differently (a `squeeze()` turns [1, D] into [D]).
-    let largest = max_batch.max(1);
-    for n in if largest == 1 {
-        vec![1]
-    } else {
-        vec![1, largest]
-    } {
+    let mut sizes = vec![1, max_batch.max(1)];
+    sizes.dedup();
+    for n in sizes {
         model
             .embed_values(&vec![0f32; numel * n], n)
             .map_err(|e| EmbedError::Load(format!("warm-up with {n} inputs failed: {e}")))?;
