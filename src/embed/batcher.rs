@@ -388,18 +388,14 @@ mod tests {
             "the queue drained"
         );
     }
+
     #[test]
     fn a_model_that_fails_on_a_single_input_is_refused_at_warm_up() {
         let dir = tempfile::tempdir().unwrap();
         let pt = dir.path().join("model.pt");
         // `squeeze()` turns the [1, 3] answer to one input into [3].
-        let source = "import os, torch\n\
-                      class M(torch.nn.Module):\n\
-                      \x20   def forward(self, x):\n\
-                      \x20       f = x.flatten(1)\n\
-                      \x20       return torch.stack([f.sum(1), f[:, 0], f[:, 1] + 1.0], 1).squeeze()\n\
-                      torch.jit.script(M()).save(os.environ['OUT'])\n";
-        if !crate::model::test_support::export_torchscript(source, &pt) {
+        let returns = "torch.stack([f.sum(1), f[:, 0], f[:, 1] + 1.0], 1).squeeze()";
+        if !crate::model::test_support::export_flat_torchscript(returns, &pt) {
             return;
         }
         let spec = ModelSpec {

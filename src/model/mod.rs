@@ -291,6 +291,21 @@ pub(crate) mod test_support {
         }
     }
 
+    /// Exports a TorchScript module without parameters whose `forward(x)` returns the Python
+    /// expression `returns`, written in terms of `f = x.flatten(1)`; see
+    /// [`export_torchscript`].
+    pub fn export_flat_torchscript(returns: &str, out: &Path) -> bool {
+        let source = format!(
+            "import os, torch\n\
+             class M(torch.nn.Module):\n\
+             \x20   def forward(self, x):\n\
+             \x20       f = x.flatten(1)\n\
+             \x20       return {returns}\n\
+             torch.jit.script(M()).save(os.environ['OUT'])\n"
+        );
+        export_torchscript(&source, out)
+    }
+
     /// Runs `source` (Python that saves a TorchScript module to the path in `OUT`) with the
     /// project's venv Python. Returns `false` (the caller skips) only when that Python does
     /// not exist; an export that fails where it exists is a test failure.
@@ -549,13 +564,8 @@ mod tests {
     fn torchscript_model_loads_and_is_normalised() {
         let dir = tempfile::tempdir().unwrap();
         let pt = dir.path().join("model.pt");
-        let source = "import os, torch\n\
-                      class M(torch.nn.Module):\n\
-                      \x20   def forward(self, x):\n\
-                      \x20       f = x.flatten(1)\n\
-                      \x20       return torch.stack([f.sum(1), f[:, 0] * 3.0, torch.ones_like(f[:, 0])], 1)\n\
-                      torch.jit.script(M()).save(os.environ['OUT'])\n";
-        if !test_support::export_torchscript(source, &pt) {
+        let returns = "torch.stack([f.sum(1), f[:, 0] * 3.0, torch.ones_like(f[:, 0])], 1)";
+        if !test_support::export_flat_torchscript(returns, &pt) {
             return;
         }
         let mut spec = test_spec(3);
