@@ -29,7 +29,7 @@ use crate::embed::preprocess::values_from_raw;
 use crate::embed::{EmbedError, Embedder, ModelInfo};
 use crate::index::{indexable_norm, IndexError, VectorIndex};
 use crate::model::spec::InputSpec;
-use crate::store::{NewItem, Store, StoreError};
+use crate::store::{ClassRegistration, NewItem, Store, StoreError};
 
 /// A model version together with the index of gallery embeddings made by that model.
 pub struct Generation {
@@ -163,12 +163,13 @@ impl Registry {
     /// live generation; returns the model version of the stored embeddings. Blocking: call
     /// from a blocking thread. If another generation went live after the items were
     /// embedded, they are re-embedded by it first, so the store and the live index never mix
-    /// models.
+    /// models. `class`, when given, is registered in the same transaction as the items.
     pub fn write_items(
         &self,
         store: &Store,
         embedded_by: &Generation,
         mut items: Vec<NewItem>,
+        class: Option<&ClassRegistration>,
     ) -> Result<u64, WriteError> {
         let mut writes = self.lock_writes();
         let live = self.live().ok_or(WriteError::NotReady)?;
@@ -198,7 +199,7 @@ impl Registry {
                 problem,
             })?;
         }
-        store.upsert_items(&items)?;
+        store.upsert_items_registering(&items, class)?;
         let batch: Vec<_> = items
             .iter()
             .map(|i| (i.id.as_str(), i.label.as_deref(), i.embedding.as_slice()))

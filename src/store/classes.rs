@@ -8,6 +8,17 @@ use rusqlite::{params, TransactionBehavior};
 
 use super::{read_seq, to_i64, to_u64, write_seq, InputKind, Store, StoreError};
 
+/// The registration of an uploaded class, written in the same transaction as its examples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassRegistration {
+    /// The label.
+    pub label: String,
+    /// The generation expected to include it (`None` without a trainer).
+    pub expected_generation: Option<u64>,
+    /// Upload time, seconds since the Unix epoch.
+    pub now_unix: u64,
+}
+
 /// An example of an uploaded class kept for training but not searchable.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassExample {
@@ -41,17 +52,16 @@ fn optional_u64(what: &str, v: Option<i64>) -> Result<Option<u64>, StoreError> {
 }
 
 impl Store {
-    /// Registers `label` and stores its training-only `examples` in one transaction (each
+    /// Registers `class` and stores its training-only `examples` in one transaction (each
     /// example takes the next sequence number). Registering a label again keeps its upload
-    /// time and first generation; while it is still pending, `expected_generation` replaces
-    /// the earlier expectation. Returns the last sequence number.
+    /// time and first generation; while it is still pending, its expected generation replaces
+    /// the earlier one. Returns the last sequence number.
     pub fn add_class(
         &self,
-        label: &str,
+        class: &ClassRegistration,
         examples: &[ClassExample],
-        expected_generation: Option<u64>,
-        now_unix: u64,
     ) -> Result<u64, StoreError> {
+        let label = class.label.as_str();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut seq = read_seq(&tx)?;
@@ -71,17 +81,7 @@ impl Store {
                 ])?;
             }
         }
-        let expected = expected_generation
-            .map(|v| to_i64(label, "generation", v))
-            .transpose()?;
-        tx.execute(
-            "INSERT INTO classes (label, created_unix, expected_generation, first_generation)
-             VALUES (?1, ?2, ?3, NULL)
-             ON CONFLICT(label) DO UPDATE SET expected_generation = CASE
-                 WHEN classes.first_generation IS NULL THEN excluded.expected_generation
-                 ELSE classes.expected_generation END",
-            params![label, to_i64(label, "time", now_unix)?, expected],
-        )?;
+        register_class(&tx, class)?;
         write_seq(&tx, seq)?;
         tx.commit()?;
         Ok(seq)
@@ -157,9 +157,39 @@ impl Store {
     }
 }
 
+/// Registers `class` inside `tx`. Registering a label again keeps its upload time and first
+/// generation; while it is still pending, `expected_generation` replaces the earlier one.
+pub(super) fn register_class(
+    tx: &rusqlite::Transaction<'_>,
+    class: &ClassRegistration,
+) -> Result<(), StoreError> {
+    let label = class.label.as_str();
+    let expected = class
+        .expected_generation
+        .map(|v| to_i64(label, "generation", v))
+        .transpose()?;
+    tx.execute(
+        "INSERT INTO classes (label, created_unix, expected_generation, first_generation)
+         VALUES (?1, ?2, ?3, NULL)
+         ON CONFLICT(label) DO UPDATE SET expected_generation = CASE
+             WHEN classes.first_generation IS NULL THEN excluded.expected_generation
+             ELSE classes.expected_generation END",
+        params![label, to_i64(label, "time", class.now_unix)?, expected],
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn class(label: &str, expected_generation: Option<u64>, now_unix: u64) -> ClassRegistration {
+        ClassRegistration {
+            label: label.into(),
+            expected_generation,
+            now_unix,
+        }
+    }
 
     fn example(id: &str) -> ClassExample {
         ClassExample {
@@ -175,10 +205,13 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             let seq = store
-                .add_class("shoe", &[example("s1"), example("s2")], Some(3), 100)
+                .add_class(
+                    &class("shoe", Some(3), 100),
+                    &[example("s1"), example("s2")],
+                )
                 .unwrap();
             assert_eq!(seq, 2);
-            store.add_class("hat", &[], Some(3), 101).unwrap();
+            store.add_class(&class("hat", Some(3), 101), &[]).unwrap();
             assert_eq!(store.pending_classes().unwrap(), vec!["hat", "shoe"]);
             // Training-only examples are training data and have inputs, like items.
             let labelled = store.labelled_examples().unwrap();
@@ -189,7 +222,7 @@ mod tests {
             assert_eq!(store.mark_first_generation(&["shoe".into()], 5).unwrap(), 0);
             // Topping up an included class keeps its first generation and expectation.
             store
-                .add_class("shoe", &[example("s3")], Some(9), 102)
+                .add_class(&class("shoe", Some(9), 102), &[example("s3")])
                 .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -212,5 +245,37 @@ mod tests {
             "class examples are not items"
         );
         assert_eq!(store.last_seq().unwrap(), 3);
+    }
+
+    #[test]
+    fn items_and_their_class_registration_are_stored_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let item = |id: &str, embedding: Vec<f32>| crate::store::NewItem {
+            id: id.into(),
+            label: Some("bag".into()),
+            metadata: serde_json::json!({}),
+            input: vec![0; 4],
+            input_kind: InputKind::Tensor { shape: vec![1, 1] },
+            embedding,
+            model_version: 1,
+        };
+        let bag = class("bag", Some(2), 100);
+        // The second item is refused: neither item nor the registration is written.
+        let refused = store.upsert_items_registering(
+            &[item("b1", vec![1.0]), item("b2", vec![f32::NAN])],
+            Some(&bag),
+        );
+        assert!(refused.is_err());
+        assert_eq!(store.item_count().unwrap(), 0);
+        assert!(store.pending_classes().unwrap().is_empty());
+        store
+            .upsert_items_registering(&[item("b1", vec![1.0])], Some(&bag))
+            .unwrap();
+        assert_eq!(store.item_count().unwrap(), 1);
+        assert_eq!(store.pending_classes().unwrap(), vec!["bag"]);
+        let classes = store.classes().unwrap();
+        assert_eq!(classes[0].indexed, 1);
+        assert_eq!(classes[0].expected_generation, Some(2));
     }
 }

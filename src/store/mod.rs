@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 mod classes;
 
-pub use classes::{ClassExample, ClassRecord};
+pub use classes::{ClassExample, ClassRecord, ClassRegistration};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "crossbatch.db";
@@ -363,8 +363,18 @@ impl Store {
     /// number. Returns the last sequence number (the current one when `items` is empty).
     /// On error nothing of the batch is written.
     pub fn upsert_items(&self, items: &[NewItem]) -> Result<u64, StoreError> {
+        self.upsert_items_registering(items, None)
+    }
+
+    /// [`Store::upsert_items`], registering `class` in the same transaction: the items and
+    /// the class are stored together or not at all.
+    pub fn upsert_items_registering(
+        &self,
+        items: &[NewItem],
+        class: Option<&ClassRegistration>,
+    ) -> Result<u64, StoreError> {
         let mut conn = self.conn();
-        if items.is_empty() {
+        if items.is_empty() && class.is_none() {
             return read_seq(&conn);
         }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -389,6 +399,9 @@ impl Store {
                     to_i64(&item.id, "sequence", seq)?,
                 ])?;
             }
+        }
+        if let Some(class) = class {
+            classes::register_class(&tx, class)?;
         }
         write_seq(&tx, seq)?;
         tx.commit()?;

@@ -372,7 +372,12 @@ mod tests {
                     },
                 })
                 .collect();
-            store.add_class(&examples.label, &stored, None, 0).unwrap();
+            let class = crate::store::ClassRegistration {
+                label: examples.label.clone(),
+                expected_generation: None,
+                now_unix: 0,
+            };
+            store.add_class(&class, &stored).unwrap();
         }
         let focus_steps = 3;
         let config = ClassLearningConfig {

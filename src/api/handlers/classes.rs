@@ -17,7 +17,7 @@ use crate::api::input::{prepare_all, InputPayload};
 use crate::api::AppState;
 use crate::classify::{class_mean, cosine, predict, Prediction};
 use crate::index::VectorIndex;
-use crate::store::{ClassExample, NewItem};
+use crate::store::{ClassExample, ClassRegistration, NewItem};
 
 /// Longest accepted class label, in bytes.
 pub const MAX_LABEL_BYTES: usize = 256;
@@ -118,7 +118,12 @@ pub async fn create_class(
             .map(|t| t.expect_class(&store))
             .transpose()
             .map_err(ApiError::internal)?;
-        let now = crate::server::unix_now();
+        let class = ClassRegistration {
+            label: label.clone(),
+            expected_generation: expected,
+            now_unix: crate::server::unix_now(),
+        };
+        // The examples and the registration go into the store in one transaction.
         match embeddings {
             Some(embeddings) => {
                 let items: Vec<NewItem> = prepared
@@ -134,13 +139,10 @@ pub async fn create_class(
                         model_version: generation.version,
                     })
                     .collect();
-                registry.write_items(&store, &generation, items)?;
+                registry.write_items(&store, &generation, items, Some(&class))?;
                 if let Some(live) = registry.live() {
                     metrics.index_items.set(live.index.len() as i64);
                 }
-                store
-                    .add_class(&label, &[], expected, now)
-                    .map_err(ApiError::internal)?;
             }
             None => {
                 let examples: Vec<ClassExample> = prepared
@@ -152,7 +154,7 @@ pub async fn create_class(
                     })
                     .collect();
                 store
-                    .add_class(&label, &examples, expected, now)
+                    .add_class(&class, &examples)
                     .map_err(ApiError::internal)?;
             }
         }

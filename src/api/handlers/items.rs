@@ -100,7 +100,7 @@ pub async fn upsert_items(
     let registry = state.registry.clone();
     let metrics = state.metrics.clone();
     let version = blocking(move || {
-        let version = registry.write_items(&store, &generation, items)?;
+        let version = registry.write_items(&store, &generation, items, None)?;
         if let Some(live) = registry.live() {
             metrics.index_items.set(live.index.len() as i64);
         }
