@@ -167,21 +167,6 @@ pub fn normalised(v: &[f32]) -> Option<Vec<f32>> {
         .then(|| v.iter().map(|x| (f64::from(*x) / norm) as f32).collect())
 }
 
-/// The normalised mean of `vectors` (`None` when empty or the mean is zero).
-pub fn class_mean<'a>(vectors: impl IntoIterator<Item = &'a [f32]>) -> Option<Vec<f32>> {
-    let mut sum: Vec<f64> = Vec::new();
-    for v in vectors {
-        if sum.is_empty() {
-            sum = vec![0.0; v.len()];
-        }
-        for (s, x) in sum.iter_mut().zip(v) {
-            *s += f64::from(*x);
-        }
-    }
-    let mean: Vec<f32> = sum.iter().map(|s| *s as f32).collect();
-    normalised(&mean)
-}
-
 /// Cosine similarity of two unit vectors (their dot product, in `f64`).
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     a.iter()
@@ -245,10 +230,7 @@ mod tests {
     }
 
     #[test]
-    fn class_means_and_head_files() {
-        let mean = class_mean([[2.0f32, 0.0].as_slice(), [0.0, 2.0].as_slice()]).unwrap();
-        assert!((mean[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);
-        assert_eq!(class_mean(std::iter::empty()), None);
+    fn normalising_and_head_files() {
         assert_eq!(normalised(&[0.0, 0.0]), None);
 
         let dir = tempfile::tempdir().unwrap();

@@ -148,14 +148,60 @@ struct Slot {
     vector: Option<Arc<[f32]>>,
 }
 
+/// How many live points a label has, and the sum of their vectors (in `f64`, so that adding
+/// and taking away points for the index's whole life drifts far below `f32` precision).
+#[derive(Default)]
+struct LabelTally {
+    live: usize,
+    sum: Vec<f64>,
+}
+
+impl LabelTally {
+    fn add(&mut self, vector: &[f32]) {
+        if self.sum.len() != vector.len() {
+            self.sum = vec![0.0; vector.len()];
+        }
+        self.live += 1;
+        for (s, x) in self.sum.iter_mut().zip(vector) {
+            *s += f64::from(*x);
+        }
+    }
+
+    fn take_away(&mut self, vector: &[f32]) {
+        self.live = self.live.saturating_sub(1);
+        if self.live == 0 {
+            // Start the next point afresh: no rounding left over from the ones gone.
+            self.sum.iter_mut().for_each(|s| *s = 0.0);
+            return;
+        }
+        for (s, x) in self.sum.iter_mut().zip(vector) {
+            *s -= f64::from(*x);
+        }
+    }
+
+    /// The normalised mean of the live points; `None` when there is none, or when their mean
+    /// is too close to zero to have a direction.
+    fn mean_direction(&self) -> Option<Vec<f32>> {
+        if self.live == 0 {
+            return None;
+        }
+        let norm = self.sum.iter().map(|s| s * s).sum::<f64>().sqrt();
+        (norm.is_finite() && norm / self.live as f64 > MIN_MEAN_NORM)
+            .then(|| self.sum.iter().map(|s| (s / norm) as f32).collect())
+    }
+}
+
+/// A label's mean of unit vectors shorter than this has no direction (its vectors cancel).
+const MIN_MEAN_NORM: f64 = 1e-6;
+
 /// Everything searches read, swapped as a whole by compaction.
 struct State {
     graph: Arc<Graph>,
     slots: Vec<Slot>,
     /// Live key → slot.
     by_key: HashMap<Arc<str>, usize>,
-    /// Live points per label id.
-    label_live: HashMap<u32, usize>,
+    /// Live points per label id, with the sum of their vectors.
+    label_live: HashMap<u32, LabelTally>,
     tombstones: usize,
     /// Interned labels; ids are stable for the index's lifetime.
     labels: Vec<Arc<str>>,
@@ -194,12 +240,10 @@ impl State {
     /// Turns the live point at `slot` into a tombstone.
     fn kill(&mut self, slot: usize) {
         if let Some(s) = self.slots.get_mut(slot) {
-            if s.vector.take().is_some() {
+            if let Some(vector) = s.vector.take() {
                 self.tombstones += 1;
-                if let Some(l) = s.label {
-                    if let Some(c) = self.label_live.get_mut(&l) {
-                        *c = c.saturating_sub(1);
-                    }
+                if let Some(tally) = s.label.and_then(|l| self.label_live.get_mut(&l)) {
+                    tally.take_away(&vector);
                 }
             }
         }
@@ -213,7 +257,7 @@ impl State {
             self.kill(old);
         }
         if let Some(l) = label {
-            *self.label_live.entry(l).or_insert(0) += 1;
+            self.label_live.entry(l).or_default().add(&vector);
         }
         self.slots.push(Slot {
             key,
@@ -347,39 +391,19 @@ impl VectorIndex {
         state.slots[slot].vector.as_ref().map(|v| v.to_vec())
     }
 
-    /// The live vectors of every label `wanted` accepts, by label (a snapshot). Scans the
-    /// index only when a live label is wanted.
-    pub fn vectors_by_label(
-        &self,
-        wanted: impl Fn(&str) -> bool,
-    ) -> HashMap<String, Vec<Arc<[f32]>>> {
+    /// The normalised mean of the live vectors of every label `wanted` accepts (a label whose
+    /// vectors cancel out has none). Kept as running sums: O(labels × dim), no scan.
+    pub fn label_means(&self, wanted: impl Fn(&str) -> bool) -> HashMap<String, Vec<f32>> {
         let state = self.read();
-        let any_wanted = state
+        state
             .label_live
             .iter()
-            .any(|(&label, &live)| live > 0 && wanted(&state.labels[label as usize]));
-        if !any_wanted {
-            return HashMap::new();
-        }
-        let mut by_label: HashMap<String, Vec<Arc<[f32]>>> = HashMap::new();
-        for &slot in state.by_key.values() {
-            let Slot {
-                label: Some(label),
-                vector: Some(vector),
-                ..
-            } = &state.slots[slot]
-            else {
-                continue;
-            };
-            let label = &state.labels[*label as usize];
-            if wanted(label) {
-                by_label
-                    .entry(label.to_string())
-                    .or_default()
-                    .push(vector.clone());
-            }
-        }
-        by_label
+            .filter(|(&label, _)| wanted(&state.labels[label as usize]))
+            .filter_map(|(&label, tally)| {
+                let mean = tally.mean_direction()?;
+                Some((state.labels[label as usize].to_string(), mean))
+            })
+            .collect()
     }
 
     /// Live keys with their labels (a snapshot, in no particular order).
@@ -664,7 +688,7 @@ fn resolve_filter(s: &State, label: Option<&str>) -> Option<(Filter, usize)> {
             let id = *s.label_ids.get(l)?;
             Some((
                 Filter::Label(id),
-                s.label_live.get(&id).copied().unwrap_or(0),
+                s.label_live.get(&id).map_or(0, |tally| tally.live),
             ))
         }
     }
@@ -844,8 +868,33 @@ mod tests {
         assert_eq!(idx.search(&vecs[0], 1000, None, None).unwrap().len(), 299);
     }
 
+    /// Brute force: the normalised mean of `label`'s live vectors, from `keys()` and `vector()`.
+    fn recomputed_mean(idx: &VectorIndex, label: &str) -> Vec<f32> {
+        let mut sum = vec![0.0f64; idx.dim()];
+        for (key, _) in idx
+            .keys()
+            .into_iter()
+            .filter(|(_, l)| l.as_deref() == Some(label))
+        {
+            for (s, x) in sum.iter_mut().zip(idx.vector(&key).unwrap()) {
+                *s += f64::from(x);
+            }
+        }
+        let norm = sum.iter().map(|s| s * s).sum::<f64>().sqrt();
+        sum.iter().map(|s| (s / norm) as f32).collect()
+    }
+
+    fn assert_close(got: &[f32], expected: &[f32], tolerance: f32, what: &str) {
+        let worst = got
+            .iter()
+            .zip(expected)
+            .map(|(g, e)| (g - e).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= tolerance, "{what}: off by {worst}");
+    }
+
     #[test]
-    fn vectors_by_label_holds_exactly_the_live_vectors_of_the_wanted_labels() {
+    fn label_means_are_the_means_of_exactly_the_live_vectors_of_the_wanted_labels() {
         let dim = 8;
         let (idx, vecs) = build(30, dim, 3, 4);
         let mut rng = StdRng::seed_from_u64(6);
@@ -853,29 +902,50 @@ mod tests {
         idx.upsert("k0", Some("l0"), &fresh).unwrap(); // replaced: the old vector is gone
         idx.upsert("k1", Some("l0"), &vecs[1]).unwrap(); // relabelled from l1
         assert!(idx.remove("k3")); // removed from l0
-        assert!(idx.vectors_by_label(|label| label == "absent").is_empty());
-        let by_label = idx.vectors_by_label(|label| label != "l2");
-        assert_eq!(by_label.len(), 2, "l2 not wanted");
-        // Brute force: the live keys of each label from `keys()`, their vectors from `vector()`.
-        for (label, vectors) in &by_label {
-            let mut expected: Vec<Vec<f32>> = idx
-                .keys()
-                .into_iter()
-                .filter(|(_, l)| l.as_deref() == Some(label.as_str()))
-                .map(|(key, _)| idx.vector(&key).unwrap())
-                .collect();
-            let mut got: Vec<Vec<f32>> = vectors.iter().map(|v| v.to_vec()).collect();
-            let order = |a: &Vec<f32>, b: &Vec<f32>| a.partial_cmp(b).unwrap();
-            expected.sort_by(order);
-            got.sort_by(order);
-            assert_eq!(got, expected, "{label}");
+        assert!(idx.label_means(|label| label == "absent").is_empty());
+        let means = idx.label_means(|label| label != "l2");
+        assert_eq!(means.len(), 2, "l2 not wanted");
+        for (label, mean) in &means {
+            assert_close(mean, &recomputed_mean(&idx, label), 1e-6, label);
         }
-        assert_eq!(
-            by_label["l0"].len(),
-            10,
-            "10, k0 replaced, k1 joined, k3 removed"
-        );
-        assert_eq!(by_label["l1"].len(), 9, "10, k1 left");
+        // A compaction rebuilds the tallies from the live points alone.
+        for k in 10..20 {
+            assert!(idx.remove(&format!("k{k}")));
+        }
+        assert!(idx.maybe_compact());
+        for (label, mean) in idx.label_means(|_| true) {
+            assert_close(&mean, &recomputed_mean(&idx, &label), 1e-6, &label);
+        }
+    }
+
+    #[test]
+    fn label_means_do_not_drift_over_many_replacements_and_forget_emptied_labels() {
+        let dim = 16;
+        let mut rng = StdRng::seed_from_u64(21);
+        let idx = VectorIndex::new(dim, params());
+        let anchor = unit(&mut rng, dim);
+        idx.upsert("anchor", Some("a"), &anchor).unwrap();
+        // Ten thousand points come and go through one label; one stays all along.
+        for round in 0..10_000 {
+            let key = format!("k{}", round % 7);
+            idx.upsert(&key, Some("a"), &unit(&mut rng, dim)).unwrap();
+            if round % 3 == 0 {
+                idx.remove(&key);
+            }
+        }
+        let means = idx.label_means(|_| true);
+        assert_close(&means["a"], &recomputed_mean(&idx, "a"), 1e-6, "a");
+        // Emptied, then one point again: its mean is that point, with no residue.
+        for (key, _) in idx.keys() {
+            idx.remove(&key);
+        }
+        assert!(idx.label_means(|_| true).is_empty());
+        idx.upsert("again", Some("a"), &anchor).unwrap();
+        assert_close(&idx.label_means(|_| true)["a"], &anchor, 1e-7, "refilled");
+        // Two opposite points cancel: no direction.
+        let opposite: Vec<f32> = anchor.iter().map(|x| -x).collect();
+        idx.upsert("opposite", Some("a"), &opposite).unwrap();
+        assert!(idx.label_means(|_| true).is_empty());
     }
 
     #[test]

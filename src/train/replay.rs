@@ -60,6 +60,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use crate::classify::normalised;
 use crate::embed::preprocess::image_to_input;
 use crate::model::spec::InputSpec;
 
@@ -488,7 +489,7 @@ impl ReplayMemory {
                     c.id
                 )));
             }
-            let embedding = l2_normalised(&c.embedding).ok_or_else(|| {
+            let embedding = normalised(&c.embedding).ok_or_else(|| {
                 TrainError::Config(format!(
                     "candidate {:?} has a zero or non-finite embedding",
                     c.id
@@ -927,15 +928,6 @@ impl Iterator for Herding<'_> {
     }
 }
 
-/// `v / ||v||`, or `None` for a zero or non-finite vector.
-fn l2_normalised(v: &[f32]) -> Option<Vec<f32>> {
-    let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    if !(norm.is_finite() && norm > 0.0) {
-        return None;
-    }
-    Some(v.iter().map(|x| (f64::from(*x) / norm) as f32).collect())
-}
-
 /// A normalised value back to an 8-bit pixel: `round((v * std + mean) * 255)`, clamped.
 fn to_pixel(value: f32, mean: f32, std: f32) -> u8 {
     ((value * std + mean) * 255.0).round().clamp(0.0, 255.0) as u8
@@ -1325,7 +1317,7 @@ mod tests {
         // The first pick is the candidate nearest the class mean.
         let unit: Vec<Vec<f32>> = embeddings[..6]
             .iter()
-            .map(|e| l2_normalised(e).unwrap())
+            .map(|e| normalised(e).unwrap())
             .collect();
         let mu: Vec<f32> = (0..3)
             .map(|d| unit.iter().map(|u| u[d]).sum::<f32>() / 6.0)

@@ -1,6 +1,6 @@
 //! `POST /v1/classes` (upload a class with examples), `GET /v1/classes` (list classes) and
 //! `POST /v1/classify` (label probabilities for inputs).
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,8 +15,7 @@ use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
 use crate::api::input::{prepare_all, InputPayload};
 use crate::api::AppState;
-use crate::classify::{class_mean, cosine, predict, Prediction};
-use crate::index::VectorIndex;
+use crate::classify::{cosine, predict, Prediction};
 use crate::store::{ClassExample, ClassRegistration, NewItem};
 
 /// Longest accepted class label, in bytes.
@@ -216,18 +215,6 @@ pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, 
     })))
 }
 
-/// The normalised mean of the vectors `index` holds for each label not in `known`. The
-/// index belongs to the generation that embeds the queries, so both come from one model.
-fn class_means(index: &VectorIndex, known: &HashSet<String>) -> HashMap<String, Vec<f32>> {
-    index
-        .vectors_by_label(|label| !known.contains(label))
-        .into_iter()
-        .filter_map(|(label, vectors)| {
-            class_mean(vectors.iter().map(|v| &v[..])).map(|mean| (label, mean))
-        })
-        .collect()
-}
-
 /// Request body of `POST /v1/classify`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -256,12 +243,12 @@ pub async fn classify(
     let values = prepare_inputs(&generation, request.inputs).await?;
     let head = generation.head.clone();
     // Labels the head lacks: the normalised mean of their items in this generation's index.
-    let index = generation.index.clone();
     let known: HashSet<String> = head
         .as_ref()
         .map(|h| h.snapshot.labels.iter().cloned().collect())
         .unwrap_or_default();
-    let means = blocking(move || Ok(class_means(&index, &known))).await?;
+    // The index keeps per-label running sums, so this is O(labels), not a scan.
+    let means = generation.index.label_means(|label| !known.contains(label));
     if head.as_ref().is_none_or(|h| h.snapshot.labels.is_empty()) && means.is_empty() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
