@@ -16,7 +16,7 @@ use crate::model::spec::ModelSpec;
 use crate::registry::builder::{embed_stored, META_ACTIVE_VERSION};
 use crate::registry::{BuildContext, Generation, Publisher, Registry};
 use crate::store::{GenerationRecord, Store};
-use crate::train::online::{self, OnlineContext, TrainerHandle};
+use crate::train::online::{self, OnlineContext};
 
 /// Store meta key: fingerprint of the configured base model when it was last registered.
 const META_BASE_FINGERPRINT: &str = "base_model_fingerprint";
@@ -24,9 +24,6 @@ const META_BASE_FINGERPRINT: &str = "base_model_fingerprint";
 const REBUILD_BATCH: usize = 4096;
 /// Items re-embedded per batch when the model changed.
 const REEMBED_BATCH: usize = 256;
-
-/// Longest wait for the trainer's current step when the server stops.
-const TRAINER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A server started by [`start`].
 pub struct RunningServer {
@@ -43,23 +40,26 @@ impl RunningServer {
     /// trainer.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
-        finish(self.task, self.state.trainer).await
+        finish(self.task, &self.state).await
     }
 
     /// Waits until the server ends (after a shutdown signal), then stops the trainer.
     pub async fn wait(self) -> anyhow::Result<()> {
-        finish(self.task, self.state.trainer).await
+        finish(self.task, &self.state).await
     }
 }
 
-/// Waits for the HTTP server to drain, then stops the trainer thread.
+/// Waits for the HTTP server to drain, then for the trainer to end its current step, for at
+/// most `server.shutdown_grace_seconds` (the same grace `crossbatch serve` gives the whole
+/// shutdown).
 async fn finish(
     task: tokio::task::JoinHandle<std::io::Result<()>>,
-    trainer: Option<TrainerHandle>,
+    state: &AppState,
 ) -> anyhow::Result<()> {
     task.await??;
-    if let Some(trainer) = trainer {
-        tokio::task::spawn_blocking(move || trainer.stop(TRAINER_STOP_TIMEOUT)).await?;
+    if let Some(trainer) = state.trainer.clone() {
+        let grace = Duration::from_secs(state.config.server.shutdown_grace_seconds);
+        tokio::task::spawn_blocking(move || trainer.stop(grace)).await?;
     }
     Ok(())
 }

@@ -298,6 +298,16 @@ fn rollback_roll_forward_and_restart_keep_the_active_generation() {
         "stored embeddings refreshed to the active model"
     );
     assert_index_matches_model(&server, &probe, "r-7");
+
+    // SIGTERM while the trainer steps: its current step ends within the grace period and the
+    // process exits with 0 (a shutdown the grace period cut short exits with 1).
+    server.kill();
+    let server = Server::start(dir.path(), &FAST_TRAINER);
+    wait_for("the trainer to step", Duration::from_secs(120), || {
+        server.get("/v1/trainer").1["step"].as_u64() >= Some(3)
+    });
+    let status = server.terminate();
+    assert!(status.success(), "SIGTERM ended the server with {status}");
 }
 
 /// The stored item `id` of `image` is found first with score 1: the live index was embedded

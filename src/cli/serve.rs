@@ -44,8 +44,10 @@ impl ServeArgs {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM, then drains in-flight requests for at most
-/// `server.shutdown_grace_seconds`.
+/// Runs the server until SIGINT or SIGTERM, then gives in-flight requests and the trainer's
+/// current step `server.shutdown_grace_seconds` to finish. A shutdown that drained exits with
+/// status 0; one the grace period cut short exits with status 1 (nothing acknowledged is lost
+/// either way: the store is durable before a write is answered).
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
@@ -63,10 +65,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("crossbatch listening on http://{}", server.addr);
         tokio::spawn(async move {
             if signalled_rx.await.is_ok() {
-                tracing::info!("shutting down; draining in-flight requests");
+                tracing::info!("shutting down; draining in-flight requests and the trainer");
                 tokio::time::sleep(grace).await;
-                tracing::warn!("grace period over; exiting with requests still open");
-                std::process::exit(0);
+                tracing::warn!("grace period over; exiting before the shutdown drained");
+                std::process::exit(1);
             }
         });
         server.wait().await

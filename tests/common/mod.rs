@@ -127,6 +127,16 @@ impl Server {
         self.child.wait().expect("wait");
     }
 
+    /// Sends SIGTERM (a graceful shutdown) and waits for the process to exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let signalled = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(signalled.success(), "kill -TERM failed");
+        self.child.wait().expect("wait")
+    }
+
     /// GET; returns status and parsed JSON (or `Value::Null` for a non-JSON body).
     pub fn get(&self, path: &str) -> (u16, Value) {
         let response = self
