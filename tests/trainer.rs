@@ -262,8 +262,7 @@ fn rollback_roll_forward_and_restart_keep_the_active_generation() {
     );
 
     // Roll back to the base model.
-    let (status, body) = server.post(&format!("/v1/models/{base}/activate"), &json!({}));
-    assert_eq!(status, 202, "{body}");
+    activate(&server, base);
     wait_for("the rollback", Duration::from_secs(120), || {
         model_version(&server) == base
     });
@@ -276,15 +275,38 @@ fn rollback_roll_forward_and_restart_keep_the_active_generation() {
     assert_index_matches_model(&server, &probe, "r-7");
     assert_eq!(server.post("/v1/models/999/activate", &json!({})).0, 404);
 
+    // Resumed, the trainer continues from the activated base weights, not from the weights it
+    // had trained before the rollback: the first generation it publishes has the base as parent.
+    let recorded_before = latest_recorded(&server);
+    assert_eq!(server.post("/v1/trainer/resume", &json!({})).0, 200);
+    wait_for(
+        "a generation trained after the rollback",
+        Duration::from_secs(300),
+        || model_version(&server) > recorded_before,
+    );
+    assert_eq!(server.post("/v1/trainer/pause", &json!({})).0, 200);
+    let (_, models) = server.get("/v1/models");
+    let first_after = models["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["version"].as_u64() > Some(recorded_before))
+        .min_by_key(|g| g["version"].as_u64())
+        .unwrap_or_else(|| panic!("a generation after {recorded_before}: {models}"));
+    assert_eq!(first_after["details"]["parent"], base, "{first_after}");
+    wait_for("builds to settle", Duration::from_secs(120), || {
+        server.get("/v1/trainer").1["reembed"]["busy"] == false
+    });
+    let active = model_version(&server);
+
     // A restart (SIGKILL) comes back on the active generation.
     server.kill();
     let server = Server::start(dir.path(), &[]);
-    assert_eq!(model_version(&server), base);
+    assert_eq!(model_version(&server), active);
     assert_eq!(server.item_count(), 120);
 
     // Roll forward again, then restart once more.
-    let (status, _) = server.post(&format!("/v1/models/{trained}/activate"), &json!({}));
-    assert_eq!(status, 202);
+    activate(&server, trained);
     wait_for("the roll forward", Duration::from_secs(120), || {
         model_version(&server) == trained
     });
@@ -308,6 +330,34 @@ fn rollback_roll_forward_and_restart_keep_the_active_generation() {
     });
     let status = server.terminate();
     assert!(status.success(), "SIGTERM ended the server with {status}");
+}
+
+/// The newest generation version the server has recorded (live or not).
+fn latest_recorded(server: &Server) -> u64 {
+    let (_, models) = server.get("/v1/models");
+    models["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["version"].as_u64())
+        .max()
+        .unwrap_or_else(|| panic!("no generation: {models}"))
+}
+
+/// Activates `version` (202), retrying while a build that started before the trainer was
+/// paused is still running (409 `build_in_progress`).
+fn activate(server: &Server, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) = server.post(&format!("/v1/models/{version}/activate"), &json!({}));
+        if status == 202 {
+            return;
+        }
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "build_in_progress", "{body}");
+        assert!(Instant::now() < deadline, "a build never ended: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The stored item `id` of `image` is found first with score 1: the live index was embedded

@@ -65,6 +65,13 @@ pub enum BuildError {
     /// Start-up has not made a generation live yet; builds start after it.
     #[error("no generation is live yet")]
     NotReady,
+    /// A trainer's weights were overtaken by an activation (rollback or roll forward) that
+    /// swapped in after the trainer last looked; they are not published over it.
+    #[error("an activation swapped in generation {live}; the trainer's weights are superseded")]
+    Superseded {
+        /// The generation the activation made live.
+        live: u64,
+    },
     /// The build thread could not be started.
     #[error("cannot start a build thread: {0}")]
     Spawn(std::io::Error),

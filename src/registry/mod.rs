@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arc_swap::ArcSwapOption;
 
 pub use builder::{BuildContext, BuildError, BuildProgress, SwapReport};
-pub use publisher::{LastBuild, Publisher};
+pub use publisher::{BuildOrigin, LastBuild, Publisher};
 
 use crate::classify::{HeadSnapshot, ServedHead};
 use crate::embed::preprocess::values_from_raw;

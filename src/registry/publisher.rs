@@ -1,7 +1,7 @@
 //! Runs generation builds in the background, one at a time, for the trainer (new weights)
 //! and for `POST /v1/models/{version}/activate` (roll back or forward).
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::builder::{BuildContext, BuildError, BuildProgress, SwapReport};
@@ -21,12 +21,29 @@ pub enum LastBuild {
     },
 }
 
+/// Who asked for a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildOrigin {
+    /// The online trainer publishing its weights, which descend from what was live when it had
+    /// seen `activations_seen` activations ([`Publisher::activations`]). Refused with
+    /// [`BuildError::Superseded`] once another activation has swapped in: those weights would
+    /// undo it.
+    Trainer {
+        /// [`Publisher::activations`] when the trainer last (re)started from the live model.
+        activations_seen: u64,
+    },
+    /// `POST /v1/models/{version}/activate`: a roll back or forward.
+    Activation,
+}
+
 /// Starts builds on a background thread and reports their progress.
 pub struct Publisher {
     registry: Arc<Registry>,
     context: BuildContext,
     progress: Arc<BuildProgress>,
     busy: AtomicBool,
+    /// Activation builds swapped in so far (changes only while `busy` is held).
+    activations: AtomicU64,
     last: Mutex<Option<LastBuild>>,
 }
 
@@ -38,25 +55,40 @@ impl Publisher {
             context,
             progress: Arc::new(BuildProgress::default()),
             busy: AtomicBool::new(false),
+            activations: AtomicU64::new(0),
             last: Mutex::new(None),
         })
     }
 
-    /// Starts building generation `version` from `model_dir`; refused while another build
-    /// runs. Returns at once; the swap happens when the gallery is re-embedded.
-    pub fn start(self: &Arc<Self>, version: u64, model_dir: PathBuf) -> Result<(), BuildError> {
-        if self.registry.live().is_none() {
+    /// Starts building generation `version` from `model_dir` for `origin`; refused while
+    /// another build runs, and a trainer's build once an activation it has not seen swapped
+    /// in. Returns at once; the swap happens when the gallery is re-embedded.
+    pub fn start(
+        self: &Arc<Self>,
+        version: u64,
+        model_dir: PathBuf,
+        origin: BuildOrigin,
+    ) -> Result<(), BuildError> {
+        let Some(live) = self.registry.live() else {
             return Err(BuildError::NotReady);
-        }
+        };
         if self.busy.swap(true, Ordering::AcqRel) {
             return Err(BuildError::Busy(
                 self.registry.building_version().unwrap_or(version),
             ));
         }
+        // Holding `busy`, no activation can swap in until this build ends: the check is final.
+        if let BuildOrigin::Trainer { activations_seen } = origin {
+            if activations_seen != self.activations() {
+                self.busy.store(false, Ordering::Release);
+                let live = self.registry.live().map_or(live.version, |g| g.version);
+                return Err(BuildError::Superseded { live });
+            }
+        }
         let publisher = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("build-generation-{version}"))
-            .spawn(move || publisher.run(version, &model_dir));
+            .spawn(move || publisher.run(version, &model_dir, origin));
         if let Err(e) = spawned {
             self.busy.store(false, Ordering::Release);
             return Err(BuildError::Spawn(e));
@@ -64,7 +96,7 @@ impl Publisher {
         Ok(())
     }
 
-    fn run(&self, version: u64, model_dir: &std::path::Path) {
+    fn run(&self, version: u64, model_dir: &std::path::Path, origin: BuildOrigin) {
         let metrics = &self.context.metrics;
         metrics.reembed_progress.set(0.0);
         tracing::info!(version, dir = %model_dir.display(), "building generation");
@@ -95,6 +127,9 @@ impl Publisher {
                     swap_seconds = report.swap_seconds,
                     "generation swapped in"
                 );
+                if origin == BuildOrigin::Activation {
+                    self.activations.fetch_add(1, Ordering::AcqRel);
+                }
                 LastBuild::Swapped(report)
             }
             Err(e) => {
@@ -108,6 +143,12 @@ impl Publisher {
         metrics.reembed_progress.set(1.0);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(last);
         self.busy.store(false, Ordering::Release);
+    }
+
+    /// How many activation builds have swapped in since start-up. A trainer whose weights
+    /// predate the latest one restarts from the live generation.
+    pub fn activations(&self) -> u64 {
+        self.activations.load(Ordering::Acquire)
     }
 
     /// Whether a build is running.

@@ -25,7 +25,7 @@ use super::pool::{ExamplePool, Probe};
 use super::TrainError;
 use crate::config::TrainerConfig;
 use crate::metrics::Metrics;
-use crate::registry::Publisher;
+use crate::registry::{BuildOrigin, Publisher};
 use crate::store::{GenerationRecord, Store};
 
 /// Steps between re-reads of the labelled examples from the store.
@@ -130,10 +130,13 @@ impl TrainerHandle {
         self.lock().status.clone()
     }
 
-    /// Stops taking steps until [`TrainerHandle::resume`].
+    /// Stops taking steps and publishing on its own until [`TrainerHandle::resume`]: a
+    /// periodic publish still pending is dropped, so nothing swaps in behind the caller's back
+    /// (an explicit [`TrainerHandle::request_publish`] while paused still publishes).
     pub fn pause(&self) {
         let mut control = self.lock();
         control.paused = true;
+        control.publish_requested = false;
         control.status.state = TrainerState::Paused;
     }
 
@@ -263,6 +266,8 @@ struct Session {
     trainer: Trainer,
     classes: ClassFocus,
     base: u64,
+    /// [`Publisher::activations`] when the session started from `base`.
+    activations_seen: u64,
     published: Vec<u64>,
     probe: Option<Probe>,
     steps: usize,
@@ -275,19 +280,25 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut recent = std::collections::VecDeque::new();
     while !handle.lock().stopped {
+        // Read before the live generation: an activation counts only once it has swapped in.
+        let activations = context.publisher.activations();
         let Some(live) = context.publisher.registry().live() else {
             std::thread::sleep(IDLE_WAIT);
             continue;
         };
-        // Start, or restart after a generation went live that this trainer did not publish.
-        let foreign = session
-            .as_ref()
-            .is_none_or(|s| live.version != s.base && !s.published.contains(&live.version));
+        // Start, or restart after an activation (a rollback, even to this session's own base
+        // or one of its generations) or a generation this trainer did not publish went live.
+        let foreign = session.as_ref().is_none_or(|s| {
+            s.activations_seen != activations
+                || (live.version != s.base && !s.published.contains(&live.version))
+        });
         if foreign {
-            match start_session(&context, live.version) {
+            match start_session(&context, live.version, activations) {
                 Ok(new_session) => {
                     session = Some(new_session);
                     let mut control = handle.lock();
+                    // A publish asked for before the restart was of the weights just dropped.
+                    control.publish_requested = false;
                     control.status.base_generation = Some(live.version);
                     control.status.step = 0;
                     control.status.message = None;
@@ -375,7 +386,9 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 // generation expected to include them is the next one published.
                 let periodic = current.steps % context.config.publish_every.max(1) == 0;
                 if learnt || (periodic && !current.classes.focusing()) {
-                    handle.lock().publish_requested = true;
+                    let mut control = handle.lock();
+                    // A pause that came during the step holds this publish back too.
+                    control.publish_requested |= !control.paused;
                 }
                 if learnt {
                     let mut control = handle.lock();
@@ -423,7 +436,11 @@ fn wait(handle: &TrainerHandle) {
 }
 
 /// Loads the trainer from a recorded generation's weights.
-fn start_session(context: &OnlineContext, version: u64) -> Result<Session, String> {
+fn start_session(
+    context: &OnlineContext,
+    version: u64,
+    activations_seen: u64,
+) -> Result<Session, String> {
     let records = context.store.generations().map_err(|e| e.to_string())?;
     let record = records
         .iter()
@@ -450,6 +467,7 @@ fn start_session(context: &OnlineContext, version: u64) -> Result<Session, Strin
         trainer,
         classes,
         base: version,
+        activations_seen,
         published: Vec::new(),
         probe: None,
         steps: 0,
@@ -498,7 +516,13 @@ fn refresh(
 /// Publishes a generation if one was requested, the trainer has taken steps since its base,
 /// and no build is running.
 fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut Session) {
-    if !handle.lock().publish_requested || session.steps == 0 || context.publisher.is_busy() {
+    // Weights an activation has overtaken are not published; the loop restarts from it next.
+    let superseded = context.publisher.activations() != session.activations_seen;
+    if !handle.lock().publish_requested
+        || session.steps == 0
+        || context.publisher.is_busy()
+        || superseded
+    {
         return;
     }
     handle.lock().publish_requested = false;
@@ -571,7 +595,13 @@ fn publish(
     let learnt = session.classes.take_learnt();
     store.mark_first_generation(&learnt, version)?;
     context.metrics.classes_learnt.inc_by(learnt.len() as u64);
-    context.publisher.start(version, dir)?;
+    context.publisher.start(
+        version,
+        dir,
+        BuildOrigin::Trainer {
+            activations_seen: session.activations_seen,
+        },
+    )?;
     tracing::info!(
         version,
         steps = session.steps,

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::blocking;
 use crate::api::error::ApiError;
 use crate::api::AppState;
-use crate::registry::{BuildError, LastBuild};
+use crate::registry::{BuildError, BuildOrigin, LastBuild};
 use crate::train::online::TrainerHandle;
 
 fn trainer(state: &AppState) -> Result<&TrainerHandle, ApiError> {
@@ -115,7 +115,7 @@ pub async fn activate_model(
     }
     state
         .publisher
-        .start(version, record.model_dir)
+        .start(version, record.model_dir, BuildOrigin::Activation)
         .map_err(|e| match e {
             BuildError::Busy(busy) => ApiError::new(
                 StatusCode::CONFLICT,
