@@ -6,11 +6,13 @@ use prometheus::{
 };
 
 /// Reasons a request can be rejected, pre-registered as label values.
-pub const REJECT_REASONS: [&str; 5] = [
+pub const REJECT_REASONS: [&str; 7] = [
     "queue_full",
     "body_too_large",
     "too_many_inputs",
     "bad_input",
+    "not_found",
+    "conflict",
     "not_ready",
 ];
 

@@ -59,7 +59,11 @@ async fn finish(
     task.await??;
     if let Some(trainer) = state.trainer.clone() {
         let grace = Duration::from_secs(state.config.server.shutdown_grace_seconds);
-        tokio::task::spawn_blocking(move || trainer.stop(grace)).await?;
+        let stopped = tokio::task::spawn_blocking(move || trainer.stop(grace)).await?;
+        anyhow::ensure!(
+            stopped,
+            "the trainer did not end its step within the {grace:?} grace period"
+        );
     }
     Ok(())
 }

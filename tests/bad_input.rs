@@ -113,6 +113,27 @@ fn bad_inputs_get_4xx_with_a_code_and_change_nothing() {
             "invalid_id",
         ),
         (
+            "items: empty label",
+            "/v1/items",
+            item(json!({ "id": "n1", "image": png, "label": " " })),
+            422,
+            "invalid_label",
+        ),
+        (
+            "items: label too long",
+            "/v1/items",
+            item(json!({ "id": "n1", "image": png, "label": "x".repeat(257) })),
+            422,
+            "invalid_label",
+        ),
+        (
+            "items: label with a control character",
+            "/v1/items",
+            item(json!({ "id": "n1", "image": png, "label": "a\u{7}b" })),
+            422,
+            "invalid_label",
+        ),
+        (
             "items: metadata not an object",
             "/v1/items",
             item(json!({ "id": "n1", "image": png, "metadata": [1, 2] })),

@@ -155,8 +155,17 @@ fn new_class_images() -> (Vec<String>, Vec<(String, String)>) {
 
 /// Resumes the paused trainer and waits until `generation` is live.
 fn learn_until_live(server: &Server, generation: u64) {
-    let (status, _) = server.post("/v1/trainer/resume", &json!({}));
+    assert_eq!(
+        server.get("/v1/trainer").1["state"],
+        "paused",
+        "start_paused"
+    );
+    let (status, body) = server.post("/v1/trainer/resume", &json!({}));
     assert_eq!(status, 200);
+    assert_ne!(
+        body["state"], "paused",
+        "the answer is the resumed status: {body}"
+    );
     wait_for(
         "the generation that includes the class",
         Duration::from_secs(600),

@@ -244,6 +244,17 @@ fn rollback_roll_forward_and_restart_keep_the_active_generation() {
     let images = fashion_images(120);
     let probe = images[7].clone();
     let server = Server::start(dir.path(), &FAST_TRAINER);
+    // With no labelled examples yet the trainer idles and says why.
+    wait_for("the trainer to idle", Duration::from_secs(60), || {
+        server.get("/v1/trainer").1["state"] == "idle"
+    });
+    let (_, status) = server.get("/v1/trainer");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2 labels")),
+        "{status}"
+    );
     let (base, base_embedding) = embed(&server, &probe);
     upsert_images(&server, "r-", &images);
     wait_for("a trained generation", Duration::from_secs(300), || {

@@ -135,3 +135,37 @@ impl From<tokio::task::JoinError> for ApiError {
         ApiError::internal(format!("worker task failed: {error}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::REJECT_REASONS;
+
+    #[test]
+    fn every_rejection_reason_is_pre_registered() {
+        let statuses = [
+            (StatusCode::BAD_REQUEST, "invalid_json"),
+            (StatusCode::NOT_FOUND, "not_found"),
+            (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            (StatusCode::CONFLICT, "build_in_progress"),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            (StatusCode::PAYLOAD_TOO_LARGE, "too_many_inputs"),
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_k"),
+            (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+        ];
+        for (status, code) in statuses {
+            let reason = ApiError::new(status, code, "").reject_reason();
+            assert!(
+                reason.is_some_and(|r| REJECT_REASONS.contains(&r)),
+                "{status} {code}: {reason:?} is not pre-registered"
+            );
+        }
+        let internal = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "");
+        assert_eq!(
+            internal.reject_reason(),
+            None,
+            "a server failure is no rejection"
+        );
+    }
+}

@@ -531,6 +531,22 @@ mod tests {
             LoadedModel::load(dir.path(), Device::Cpu),
             Err(ModelError::Weights { .. })
         ));
+        // Unknown keys, at the top and in [input], name themselves.
+        let shipped = std::fs::read_to_string(dir.path().join("model.toml")).unwrap();
+        for (typo, edited) in [
+            ("embeding_dim", format!("embeding_dim = 3\n{shipped}")),
+            (
+                "chanels",
+                shipped.replace("[input]\n", "[input]\nchanels = 3\n"),
+            ),
+        ] {
+            assert_ne!(edited, shipped);
+            std::fs::write(dir.path().join("model.toml"), edited).unwrap();
+            match LoadedModel::load(dir.path(), Device::Cpu) {
+                Err(ModelError::Spec(e)) => assert!(e.to_string().contains(typo), "{e}"),
+                other => panic!("{typo}: {other:?}"),
+            }
+        }
         // No model.toml at all.
         let empty = tempfile::tempdir().unwrap();
         assert!(matches!(

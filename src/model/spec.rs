@@ -18,6 +18,7 @@ pub enum ModelFormat {
 
 /// The input a model expects: image geometry and per-channel normalisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InputSpec {
     /// 1 (grayscale) or 3 (RGB).
     pub channels: usize,
@@ -55,8 +56,9 @@ pub(crate) fn gray_test_spec(side: usize) -> InputSpec {
     }
 }
 
-/// The contents of `model.toml`.
+/// The contents of `model.toml` (unknown keys are errors, like the configuration's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// Human-readable model name, reported by `/v1/info`.
     pub name: String,

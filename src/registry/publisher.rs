@@ -1,7 +1,7 @@
 //! Runs generation builds in the background, one at a time, for the trainer (new weights)
 //! and for `POST /v1/models/{version}/activate` (roll back or forward).
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::builder::{BuildContext, BuildError, BuildProgress, SwapReport};
@@ -41,7 +41,8 @@ pub struct Publisher {
     registry: Arc<Registry>,
     context: BuildContext,
     progress: Arc<BuildProgress>,
-    busy: AtomicBool,
+    /// The version being built, from the moment a build is accepted until it ends.
+    busy: Mutex<Option<u64>>,
     /// Activation builds swapped in so far (changes only while `busy` is held).
     activations: AtomicU64,
     last: Mutex<Option<LastBuild>>,
@@ -54,7 +55,7 @@ impl Publisher {
             registry,
             context,
             progress: Arc::new(BuildProgress::default()),
-            busy: AtomicBool::new(false),
+            busy: Mutex::new(None),
             activations: AtomicU64::new(0),
             last: Mutex::new(None),
         })
@@ -72,28 +73,34 @@ impl Publisher {
         let Some(live) = self.registry.live() else {
             return Err(BuildError::NotReady);
         };
-        if self.busy.swap(true, Ordering::AcqRel) {
-            return Err(BuildError::Busy(
-                self.registry.building_version().unwrap_or(version),
-            ));
-        }
-        // Holding `busy`, no activation can swap in until this build ends: the check is final.
-        if let BuildOrigin::Trainer { activations_seen } = origin {
-            if activations_seen != self.activations() {
-                self.busy.store(false, Ordering::Release);
-                let live = self.registry.live().map_or(live.version, |g| g.version);
-                return Err(BuildError::Superseded { live });
+        {
+            let mut busy = self.lock_busy();
+            if let Some(building) = *busy {
+                return Err(BuildError::Busy(building));
             }
+            // No build runs and `busy` is locked: no activation can swap in before this build
+            // ends, so the check is final.
+            if let BuildOrigin::Trainer { activations_seen } = origin {
+                if activations_seen != self.activations() {
+                    let live = self.registry.live().map_or(live.version, |g| g.version);
+                    return Err(BuildError::Superseded { live });
+                }
+            }
+            *busy = Some(version);
         }
         let publisher = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("build-generation-{version}"))
             .spawn(move || publisher.run(version, &model_dir, origin));
         if let Err(e) = spawned {
-            self.busy.store(false, Ordering::Release);
+            *self.lock_busy() = None;
             return Err(BuildError::Spawn(e));
         }
         Ok(())
+    }
+
+    fn lock_busy(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn run(&self, version: u64, model_dir: &std::path::Path, origin: BuildOrigin) {
@@ -142,7 +149,7 @@ impl Publisher {
         };
         metrics.reembed_progress.set(1.0);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(last);
-        self.busy.store(false, Ordering::Release);
+        *self.lock_busy() = None;
     }
 
     /// How many activation builds have swapped in since start-up. A trainer whose weights
@@ -153,7 +160,7 @@ impl Publisher {
 
     /// Whether a build is running.
     pub fn is_busy(&self) -> bool {
-        self.busy.load(Ordering::Acquire)
+        self.lock_busy().is_some()
     }
 
     /// Items re-embedded so far and in total, for the running (or last) build.

@@ -110,6 +110,8 @@ struct Control {
     classes_changed: bool,
     /// Highest generation version the trainer has taken (published or about to be).
     reserved_version: u64,
+    /// What the thread is doing, pause aside (`status.state` is `Paused` while paused).
+    activity: TrainerState,
     replay: ReplayStatus,
     status: TrainerStatus,
 }
@@ -127,7 +129,16 @@ impl TrainerHandle {
 
     /// A snapshot of the trainer's status.
     pub fn status(&self) -> TrainerStatus {
-        self.lock().status.clone()
+        let control = self.lock();
+        TrainerStatus {
+            state: if control.paused {
+                TrainerState::Paused
+            } else {
+                control.activity
+            },
+            // The stored `state` is never read: `activity` and `paused` make it.
+            ..control.status.clone()
+        }
     }
 
     /// Stops taking steps and publishing on its own until [`TrainerHandle::resume`]: a
@@ -137,7 +148,6 @@ impl TrainerHandle {
         let mut control = self.lock();
         control.paused = true;
         control.publish_requested = false;
-        control.status.state = TrainerState::Paused;
     }
 
     /// Resumes training.
@@ -147,8 +157,9 @@ impl TrainerHandle {
     }
 
     /// Ends the trainer thread after its current step and waits up to `timeout` for it, so
-    /// that no training step runs while the process tears libtorch down.
-    pub fn stop(&self, timeout: Duration) {
+    /// that no training step runs while the process tears libtorch down. Returns whether it
+    /// ended in time.
+    pub fn stop(&self, timeout: Duration) -> bool {
         let mut control = self.lock();
         control.stopped = true;
         self.shared.1.notify_all();
@@ -157,13 +168,14 @@ impl TrainerHandle {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::warn!("the trainer did not stop within {timeout:?}");
-                return;
+                return false;
             }
             control = match self.shared.1.wait_timeout(control, left) {
                 Ok((guard, _)) => guard,
                 Err(poisoned) => poisoned.into_inner().0,
             };
         }
+        true
     }
 
     /// Publishes a generation after the next step (even while paused, if it has trained).
@@ -230,6 +242,7 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
                 publish_requested: false,
                 classes_changed: false,
                 reserved_version: 0,
+                activity: TrainerState::Starting,
                 replay: ReplayStatus::default(),
                 status: TrainerStatus {
                     state: TrainerState::Starting,
@@ -340,7 +353,12 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
         let batch = match next {
             Ok(Some(batch)) if !batch.is_empty() => batch,
             Ok(_) => {
-                set_state(handle, TrainerState::Idle, None);
+                let why = format!(
+                    "waiting for examples: training needs 2 labels with 2 examples each \
+                     ({} such labels stored)",
+                    pool.trainable_labels
+                );
+                set_state(handle, TrainerState::Idle, Some(why));
                 wait(handle);
                 continue;
             }
@@ -375,7 +393,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 };
                 {
                     let mut control = handle.lock();
-                    control.status.state = TrainerState::Training;
+                    control.activity = TrainerState::Training;
                     control.status.message = None;
                     control.status.step = current.steps;
                     control.status.loss = Some(loss);
@@ -424,9 +442,7 @@ fn rng_seed(rng: &mut StdRng) -> u64 {
 
 fn set_state(handle: &TrainerHandle, state: TrainerState, message: Option<String>) {
     let mut control = handle.lock();
-    if !control.paused {
-        control.status.state = state;
-    }
+    control.activity = state;
     control.status.message = message;
 }
 

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
-    blocking, check_embeddings, check_input_count, checked_k, live_generation, prepare_inputs,
+    blocking, check_embeddings, check_input_count, check_label, checked_k, live_generation,
+    prepare_inputs,
 };
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
@@ -17,9 +18,6 @@ use crate::api::input::{prepare_all, InputPayload};
 use crate::api::AppState;
 use crate::classify::{cosine, predict, Prediction};
 use crate::store::{ClassExample, ClassRegistration, NewItem};
-
-/// Longest accepted class label, in bytes.
-pub const MAX_LABEL_BYTES: usize = 256;
 
 /// Number of predictions per input when the request gives no `k`.
 const DEFAULT_K: usize = 5;
@@ -48,31 +46,6 @@ pub struct NewClassResponse {
     first_generation: Option<u64>,
 }
 
-fn check_label(label: &str) -> Result<(), ApiError> {
-    if label.trim().is_empty() {
-        return Err(ApiError::invalid(
-            "invalid_label",
-            "label must not be empty",
-        ));
-    }
-    if label.len() > MAX_LABEL_BYTES {
-        return Err(ApiError::invalid(
-            "invalid_label",
-            format!(
-                "label is {} bytes; the limit is {MAX_LABEL_BYTES}",
-                label.len()
-            ),
-        ));
-    }
-    if label.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            "invalid_label",
-            "label must not contain control characters",
-        ));
-    }
-    Ok(())
-}
-
 /// A fresh example id: the label and a random suffix (ids of items and class examples share
 /// one space).
 fn example_id(label: &str) -> String {
@@ -85,7 +58,7 @@ pub async fn create_class(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<NewClassRequest>,
 ) -> Result<Json<NewClassResponse>, ApiError> {
-    check_label(&request.label)?;
+    check_label(&request.label, "label")?;
     check_input_count(&state, request.examples.len(), "examples")?;
     let generation = live_generation(&state)?;
     let payloads = request

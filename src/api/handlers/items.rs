@@ -6,7 +6,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{blocking, check_input_count, live_generation};
+use super::{blocking, check_input_count, check_label, live_generation};
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
 use crate::api::input::{prepare_all, InputPayload};
@@ -48,6 +48,9 @@ pub async fn upsert_items(
     for (i, item) in request.items.into_iter().enumerate() {
         let what = format!("items[{i}]");
         check_id(&item.id, &what)?;
+        if let Some(label) = &item.label {
+            check_label(label, &format!("{what}.label"))?;
+        }
         if !seen.insert(item.id.clone()) {
             return Err(ApiError::invalid(
                 "duplicate_id",

@@ -23,6 +23,27 @@ use super::AppState;
 use crate::index::indexable_norm;
 use crate::registry::Generation;
 
+/// Longest accepted label (of an item or a class), in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
+
+/// Refuses with 422 `invalid_label` a label that is empty, longer than [`MAX_LABEL_BYTES`] or
+/// holds control characters; `what` names it in the message.
+fn check_label(label: &str, what: &str) -> Result<(), ApiError> {
+    let problem = if label.trim().is_empty() {
+        "must not be empty".to_string()
+    } else if label.len() > MAX_LABEL_BYTES {
+        format!("is {} bytes; the limit is {MAX_LABEL_BYTES}", label.len())
+    } else if label.chars().any(char::is_control) {
+        "must not contain control characters".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::invalid(
+        "invalid_label",
+        format!("{what} {problem}"),
+    ))
+}
+
 /// The live generation, or 503 while the server is starting.
 fn live_generation(state: &AppState) -> Result<Arc<Generation>, ApiError> {
     state.registry.live().ok_or_else(ApiError::not_ready)

@@ -4,7 +4,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::blocking;
+use super::{blocking, live_generation};
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::registry::{BuildError, BuildOrigin, LastBuild};
@@ -101,6 +101,8 @@ pub async fn activate_model(
     let version: u64 = version
         .parse()
         .map_err(|_| ApiError::not_found(format!("no generation {version:?}")))?;
+    // Before start-up has made a generation live, even one about to be recorded is not ready.
+    live_generation(&state)?;
     let store = state.store.clone();
     let records = blocking(move || store.generations().map_err(ApiError::internal)).await?;
     let record = records
