@@ -41,7 +41,7 @@ for batch in $BATCHES; do
         fi
         "$BIN" train --format idx --limit 10000 --init "$ROOT/models/default" \
             --out "$WORK/model" --steps "$STEPS" --batch-size "$batch" \
-            --per-class $((batch / 10)) --norm frozen --gradcache-chunk "$chunk" \
+            --per-class $((batch / 10)) --loss contrastive --norm frozen --gradcache-chunk "$chunk" \
             --threads "$THREADS" --device "$DEVICE" "$IMAGES" >"$WORK/out" 2>"$WORK/log" &
         trainer=$!
         status=0

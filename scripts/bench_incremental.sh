@@ -49,7 +49,7 @@ command -v jq >/dev/null || { echo "jq is required" >&2; exit 1; }
 source "$ROOT/scripts/bench_lib.sh"
 use_private_binary
 
-common=(--batch-size "$BATCH" --per-class "$PER_CLASS" --lr "$LR" --seed "$SEED"
+common=(--loss contrastive --batch-size "$BATCH" --per-class "$PER_CLASS" --lr "$LR" --seed "$SEED"
         --widths "$WIDTHS" --embedding-dim "$EMBEDDING_DIM" --threads "$THREADS"
         --device "$DEVICE" --budget-bytes "$BUDGET" --json)
 fashion=(--format idx "$FASHION/train-images-idx3-ubyte.gz"

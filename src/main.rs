@@ -12,7 +12,7 @@ fn main() -> std::process::ExitCode {
     match crossbatch::cli::run(crossbatch::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crossbatch::cli::error_report(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -34,11 +34,12 @@ pub struct EvalArgs {
     #[arg(long)]
     pub json: bool,
     /// Device for --model: auto, cpu or cuda:N.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", conflicts_with = "server")]
     pub device: String,
-    /// Images per `/v1/embed` request with --server (lower it for large photos: each request
-    /// must stay under the server's body limit).
-    #[arg(long, default_value_t = 64)]
+    /// Images per `/v1/embed` request with --server (at least 1; at most the server's
+    /// `max_inputs_per_request`, and lower it for large photos: each request must stay under
+    /// the server's body limit).
+    #[arg(long, default_value_t = 64, conflicts_with = "model", value_parser = super::at_least_one())]
     pub batch_size: usize,
 }
 
@@ -105,7 +106,7 @@ pub fn embed_with_server(
         let bar = progress(dataset.len());
         let mut out = Vec::with_capacity(dataset.len());
         let mut version = None;
-        for chunk in dataset.samples.chunks(batch_size.max(1)) {
+        for chunk in dataset.samples.chunks(batch_size) {
             let answer = post_with_retry(&client, &url, &body(chunk)?)?;
             let answer: EmbedResponse = serde_json::from_value(answer)
                 .with_context(|| format!("POST {url}: bad response"))?;

@@ -14,8 +14,8 @@ pub struct ImportArgs {
     /// Base URL of the server, e.g. http://127.0.0.1:8080.
     #[arg(long)]
     pub server: String,
-    /// Items per request.
-    #[arg(long, default_value_t = 64)]
+    /// Items per request (at least 1).
+    #[arg(long, default_value_t = 64, value_parser = super::at_least_one())]
     pub batch_size: usize,
     /// Prefix of the generated item ids (`PREFIX{index}`); default: the dataset file's name
     /// and a dash.
@@ -50,7 +50,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     progress.set_style(ProgressStyle::with_template(
         "{bar:40} {pos}/{len} items  {per_sec}  eta {eta}",
     )?);
-    let batch_size = args.batch_size.max(1);
+    let batch_size = args.batch_size;
     for (batch_index, batch) in dataset.samples.chunks(batch_size).enumerate() {
         let mut items = Vec::with_capacity(batch.len());
         for (offset, sample) in batch.iter().enumerate() {

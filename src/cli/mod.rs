@@ -50,3 +50,45 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Incremental(args) => incremental::run(*args),
     }
 }
+
+/// Parses a count that must be at least 1 (a flag such as `--batch-size`).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// An error and its causes on one line, `outer: cause: …`, leaving out a cause whose text the
+/// line already holds (many errors print their source in their own message).
+pub fn error_report(error: &anyhow::Error) -> String {
+    let mut report = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !report.contains(&text) {
+            report.push_str(": ");
+            report.push_str(&text);
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_report_names_each_cause_once() {
+        let missing = std::fs::read("/nonexistent/crossbatch").unwrap_err();
+        let io_text = missing.to_string();
+        // A message that already includes its source, wrapped in context.
+        let spec = crate::model::spec::SpecError::Io {
+            path: "/nonexistent/model.toml".into(),
+            source: missing,
+        };
+        let error = anyhow::Error::new(spec).context("loading the model");
+        let report = error_report(&error);
+        assert_eq!(report.matches(&io_text).count(), 1, "{report}");
+        assert!(report.starts_with("loading the model: /nonexistent/model.toml: "));
+        // A cause the messages do not hold is kept.
+        let chained = anyhow::anyhow!("inner detail").context("outer");
+        assert_eq!(error_report(&chained), "outer: inner detail");
+    }
+}

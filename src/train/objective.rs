@@ -20,8 +20,9 @@ pub enum LossKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Objective {
-    /// Pair loss.
-    #[arg(long, value_enum, default_value = "contrastive")]
+    /// Pair loss (multi-similarity by default, as the online trainer: with an XBM memory the
+    /// contrastive loss can collapse the embedding; README, "Cross-batch memory").
+    #[arg(long, value_enum, default_value = "multi-similarity")]
     pub loss: LossKind,
     /// Margin of the contrastive loss on cosine similarity.
     #[arg(long, default_value_t = DEFAULT_MARGIN)]

@@ -146,7 +146,7 @@ pub enum NormMode {
     #[serde(rename = "bn")]
     Batch,
     /// Cross-Iteration BatchNorm: statistics of the last `window` iterations, compensated to
-    /// the current weights (builtin network only; see [`crate::model::cross_iteration_norm`]).
+    /// the current weights (builtin network only; module `model::cross_iteration_norm`).
     #[value(name = "cbn")]
     #[serde(rename = "cbn")]
     CrossIteration,
