@@ -278,6 +278,11 @@ mod tests {
         assert_eq!(config.model.dir, PathBuf::from("models/default"));
         assert_eq!(config.model.device, "auto");
         assert_eq!(config.index.m, 16);
+        // The Rust defaults (what tests and library users start from) are the shipped ones.
+        assert_eq!(
+            config.trainer.classes,
+            crate::train::incremental::ClassLearningConfig::default()
+        );
     }
 
     #[test]

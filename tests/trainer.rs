@@ -58,7 +58,10 @@ fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
     let dir = tempfile::tempdir().unwrap();
-    let images = fashion_images(200);
+    let all_images = fashion_images(700);
+    // The gallery the clients query, and the writer's own images: no written item ties with a
+    // gallery item (or with another written item) at score 1, so every `k` below is enough.
+    let (images, written_images) = (all_images[..200].to_vec(), all_images[200..].to_vec());
     let server = Arc::new(Server::start(dir.path(), &FAST_TRAINER));
     let base = model_version(&server);
     upsert_images(&server, "fm-", &images);
@@ -84,12 +87,13 @@ fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
     // Meanwhile a writer upserts new items and deletes some: writes made while a generation
     // is being built must reach it before it goes live.
     let writer = {
-        let (server, stop, images) = (server.clone(), stop.clone(), images.clone());
+        let (server, stop, images) = (server.clone(), stop.clone(), written_images.clone());
         std::thread::spawn(move || {
             let (mut kept, mut deleted) = (Vec::new(), Vec::new());
             let mut n = 0usize;
-            while !stop.load(Ordering::SeqCst) {
-                let image = &images[n % images.len()];
+            // One write per image, then it waits for the swaps to end.
+            while !stop.load(Ordering::SeqCst) && n < images.len() {
+                let image = &images[n];
                 let item =
                     json!({ "id": format!("w-{n}"), "label": image.label, "image": image.png });
                 let (status, body) = server.post("/v1/items", &json!({ "items": [item] }));
@@ -122,7 +126,6 @@ fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
     );
     for n in &kept {
         let id = format!("w-{n}");
-        // The item shares its image with fm-{n % 200}: ties at score 1 come in any order.
         let by_item = server
             .post(
                 "/v1/search",
@@ -133,7 +136,7 @@ fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
             .as_array()
             .is_some_and(|results| results.iter().any(|r| r["id"] == id.as_str()));
         assert!(listed, "{id} missing from the live index: {by_item}");
-        let image = &images[n % images.len()];
+        let image = &written_images[*n];
         let by_image = server
             .post(
                 "/v1/search",
@@ -160,7 +163,7 @@ fn swaps_under_search_traffic_fail_nothing_and_never_mix_generations() {
         let by_image = server
             .post(
                 "/v1/search",
-                &json!({ "query": { "image": images[n % images.len()].png }, "k": 10 }),
+                &json!({ "query": { "image": written_images[*n].png }, "k": 10 }),
             )
             .1;
         assert!(

@@ -863,6 +863,7 @@ mod tests {
             ..ClassLearningConfig::default()
         };
         config.replay_memory.budget_bytes = budget;
+        config.replay_memory.fidelity = Fidelity::Low;
         let mut learner = ClassLearner::new(config, input.clone(), 8, trainer.device()).unwrap();
         let schedule = TaskSchedule {
             tasks: split_tasks(4, 2, None).unwrap(),
@@ -895,7 +896,7 @@ mod tests {
                 "{}",
                 t.replay_bytes
             );
-            // Low-fidelity replay (the default): the head is also scored on renderings.
+            // Low-fidelity replay: the head is also scored on renderings.
             assert!(t
                 .head_accuracy_low_fidelity
                 .is_some_and(|a| (0.0..=1.0).contains(&a)));

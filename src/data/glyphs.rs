@@ -600,18 +600,15 @@ pub fn write_dataset_with_progress(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::present_or_skip;
 
     const NANUM: &str = "/usr/share/fonts/truetype/nanum";
 
-    /// The Nanum font directory, or `None` (with a note) when fonts-nanum is not installed.
+    /// The Nanum font directory; `None` when fonts-nanum is not installed and skipping is
+    /// allowed (see [`present_or_skip`]).
     fn nanum() -> Option<PathBuf> {
         let dir = PathBuf::from(NANUM);
-        if dir.join("NanumGothic.ttf").is_file() {
-            Some(dir)
-        } else {
-            eprintln!("note: {NANUM} is absent (install fonts-nanum); skipping glyph test");
-            None
-        }
+        present_or_skip(dir.join("NanumGothic.ttf").is_file(), "fonts-nanum").then_some(dir)
     }
 
     fn font(dir: &Path, file: &str) -> FontVec {

@@ -306,13 +306,31 @@ pub(crate) mod test_support {
         export_torchscript(&source, out)
     }
 
+    /// Set to 1 to let tests skip when a prerequisite (the venv's Python, the Korean fonts) is
+    /// missing; otherwise a missing one fails them, so that nothing goes untested unnoticed.
+    pub const SKIP_MISSING_ENV: &str = "CROSSBATCH_TEST_SKIP_MISSING";
+
+    /// `false` (with a note) when `what` is missing and [`SKIP_MISSING_ENV`] allows skipping;
+    /// panics when it is missing and skipping is not allowed.
+    pub fn present_or_skip(present: bool, what: &str) -> bool {
+        if present {
+            return true;
+        }
+        let allowed = std::env::var(SKIP_MISSING_ENV).is_ok_and(|v| v == "1");
+        assert!(
+            allowed,
+            "{what} is missing: run scripts/setup.sh (or set {SKIP_MISSING_ENV}=1 to skip)"
+        );
+        eprintln!("skipped: {what} is missing");
+        false
+    }
+
     /// Runs `source` (Python that saves a TorchScript module to the path in `OUT`) with the
     /// project's venv Python. Returns `false` (the caller skips) only when that Python does
-    /// not exist; an export that fails where it exists is a test failure.
+    /// not exist and [`present_or_skip`] allows it; an export that fails is a test failure.
     pub fn export_torchscript(source: &str, out: &Path) -> bool {
         let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-        if !python.exists() {
-            eprintln!("skipped: no {}", python.display());
+        if !present_or_skip(python.exists(), &python.display().to_string()) {
             return false;
         }
         // TorchScript compiles from source, so the script must live in a file.

@@ -733,7 +733,9 @@ pub(crate) mod tests {
     #[test]
     fn duplets_pair_each_example_with_its_low_fidelity_twin() {
         let mut rng = StdRng::seed_from_u64(1);
-        let l = learner(ClassLearningConfig::default());
+        let mut config = ClassLearningConfig::default();
+        config.replay_memory.fidelity = Fidelity::Low;
+        let l = learner(config);
         let shoe = class(0, 3, &mut rng);
         let picks: Vec<(&[f32], i64)> = shoe
             .values
@@ -836,9 +838,13 @@ pub(crate) mod tests {
             ..Default::default()
         };
         // Twins: one takes a poisoned step first, then both take the same good step.
-        let mut twins: Vec<(Trainer, ClassLearner)> = (0..2)
-            .map(|_| {
-                let trainer = trainer();
+        // The second's weights are copied: other tests draw from libtorch's global generator.
+        let first = trainer();
+        let mut second = trainer();
+        second.copy_weights_from(&first);
+        let mut twins: Vec<(Trainer, ClassLearner)> = [first, second]
+            .into_iter()
+            .map(|trainer| {
                 let mut l = learner(config.clone());
                 l.add_classes(&trainer, &classes).unwrap();
                 (trainer, l)

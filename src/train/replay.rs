@@ -110,7 +110,7 @@ impl Default for ReplayConfig {
     fn default() -> Self {
         ReplayConfig {
             budget_bytes: 2_000_000,
-            fidelity: Fidelity::Low,
+            fidelity: Fidelity::Full,
             downsample: 2,
             jpeg_quality: 75,
             selection: Selection::Herding,
@@ -1131,9 +1131,11 @@ mod tests {
             .collect()
     }
 
+    /// Low-fidelity settings (the codec most of these tests exercise) with `budget_bytes`.
     fn config(budget_bytes: usize) -> ReplayConfig {
         ReplayConfig {
             budget_bytes,
+            fidelity: Fidelity::Low,
             ..ReplayConfig::default()
         }
     }
@@ -1455,7 +1457,7 @@ mod tests {
     fn degrade_keeps_shape_with_bounded_error() {
         let (spec, groups) = realistic_images(1);
         let values = &groups[0].1[0];
-        let low = ExemplarCodec::new(&spec, &ReplayConfig::default()).unwrap();
+        let low = ExemplarCodec::new(&spec, &config(1)).unwrap();
         let out = low.degrade(values).unwrap();
         assert_eq!(out.len(), values.len());
         let err = |a: &[f32], b: &[f32], std: f32| -> f32 {
@@ -1499,7 +1501,7 @@ mod tests {
             mean: vec![0.485, 0.456, 0.406],
             std: vec![0.229, 0.224, 0.225],
         };
-        let codec = ExemplarCodec::new(&rgb, &ReplayConfig::default()).unwrap();
+        let codec = ExemplarCodec::new(&rgb, &config(1)).unwrap();
         assert_eq!((codec.stored_width, codec.stored_height), (5, 7));
         let x = smooth(3, &rgb);
         let y = codec.degrade(&x).unwrap();
