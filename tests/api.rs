@@ -2,7 +2,10 @@
 //! real Fashion-MNIST images.
 mod common;
 
+use base64::Engine;
 use common::{fashion_images, upsert_images, Server};
+use crossbatch::embed::preprocess::image_to_input;
+use crossbatch::model::spec::InputSpec;
 use serde_json::{json, Value};
 
 fn search_image(server: &Server, png: &str, k: usize) -> Vec<Value> {
@@ -148,13 +151,26 @@ fn embed_images_and_tensors_consistently() {
         .fold(0.0, f64::max);
     assert!(diff < 1e-4, "batching changes the embedding by {diff}");
 
-    let numel = (c * h * w) as usize;
+    // The image preprocessed here into a tensor embeds exactly as the image itself.
+    let spec: InputSpec = serde_json::from_value(input.clone()).unwrap();
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(&images[1].png)
+        .unwrap();
+    let tensor = image_to_input(&image::load_from_memory(&png).unwrap(), &spec);
+    assert_eq!(tensor.len(), (c * h * w) as usize);
     let (status, body) = server.post(
         "/v1/embed",
-        &json!({ "inputs": [{ "tensor": vec![0.0f32; numel], "shape": [c, h, w] }] }),
+        &json!({ "inputs": [{ "tensor": tensor, "shape": [c, h, w] }] }),
     );
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["embeddings"][0].as_array().unwrap().len(), dim);
+    let diff: f64 = body["embeddings"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(embeddings[1].as_array().unwrap())
+        .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < 1e-4, "tensor and image inputs differ by {diff}");
     assert!(body["model_version"].as_u64().unwrap() >= 1);
 }
 

@@ -31,6 +31,14 @@ fn bad_inputs_get_4xx_with_a_code_and_change_nothing() {
     let (_, info) = server.get("/v1/info");
     let dim = info["embedding_dim"].as_u64().unwrap() as usize;
     let not_an_image = base64_of(b"definitely not a PNG file");
+    // A real PNG, a few bytes compressed, one pixel past the side limit.
+    let wide_png = {
+        let mut png = std::io::Cursor::new(Vec::new());
+        image::GrayImage::new(4097, 1)
+            .write_to(&mut png, image::ImageFormat::Png)
+            .unwrap();
+        base64_of(&png.into_inner())
+    };
     let truncated_png = {
         use base64::Engine;
         let raw = base64::engine::general_purpose::STANDARD
@@ -225,6 +233,20 @@ fn bad_inputs_get_4xx_with_a_code_and_change_nothing() {
             "invalid_ef",
         ),
         (
+            "search: ef above its limit",
+            "/v1/search",
+            json!({ "query": { "item_id": "ok0" }, "ef": 10_001 }),
+            422,
+            "invalid_ef",
+        ),
+        (
+            "embed: an image wider than 4096 px",
+            "/v1/embed",
+            json!({ "inputs": [{ "image": wide_png }] }),
+            422,
+            "invalid_image",
+        ),
+        (
             "embed: not an image",
             "/v1/embed",
             json!({ "inputs": [{ "image": not_an_image }] }),
@@ -294,6 +316,23 @@ fn bad_inputs_get_4xx_with_a_code_and_change_nothing() {
         (413, Some("payload_too_large")),
         "{got}"
     );
+    // The trainer's routes without a trainer; activating what is already live.
+    for (status, got) in [
+        server.get("/v1/trainer"),
+        server.post("/v1/trainer/pause", &json!({})),
+    ] {
+        assert_eq!(
+            (status, got["error"]["code"].as_str()),
+            (409, Some("trainer_disabled")),
+            "{got}"
+        );
+    }
+    let live = info["model_version"].as_u64().unwrap();
+    let (status, got) = server.post(&format!("/v1/models/{live}/activate"), &json!({}));
+    assert_eq!(
+        (status, &got),
+        (200, &json!({ "active": live, "building": null }))
+    );
     // Unknown ids and routes.
     assert_eq!(server.get("/v1/items/absent").0, 404);
     assert_eq!(server.delete("/v1/items/absent").0, 404);
@@ -332,11 +371,31 @@ fn too_many_inputs_is_413_and_full_queue_is_429() {
         ],
     );
     let inputs: Vec<Value> = images.iter().map(|i| json!({ "image": i.png })).collect();
-    let (status, got) = server.post("/v1/embed", &json!({ "inputs": inputs }));
-    assert_eq!(
-        (status, got["error"]["code"].as_str()),
-        (413, Some("too_many_inputs"))
-    );
+    let items: Vec<Value> = images
+        .iter()
+        .enumerate()
+        .map(|(n, i)| json!({ "id": format!("i{n}"), "image": i.png }))
+        .collect();
+    let pngs: Vec<&str> = images.iter().map(|i| i.png.as_str()).collect();
+    // 40 inputs against a limit of 32, on every route that takes several.
+    for (path, body) in [
+        ("/v1/embed", json!({ "inputs": inputs })),
+        ("/v1/items", json!({ "items": items })),
+        ("/v1/search", json!({ "queries": inputs })),
+        ("/v1/classify", json!({ "inputs": inputs })),
+        (
+            "/v1/classes",
+            json!({ "label": "l", "examples": pngs.iter().map(|p| json!({ "image": p })).collect::<Vec<_>>() }),
+        ),
+    ] {
+        let (status, got) = server.post(path, &body);
+        assert_eq!(
+            (status, got["error"]["code"].as_str()),
+            (413, Some("too_many_inputs")),
+            "{path}: {got}"
+        );
+    }
+    assert_eq!(server.item_count(), 0, "a refused write stores nothing");
 
     // 16 clients each sending 32 inputs against a queue of 32: some must be refused at once.
     let body = json!({ "inputs": inputs[..32] });
