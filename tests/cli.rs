@@ -166,22 +166,90 @@ fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() 
             "frozen",
         ],
     );
-    let log = stdout + &stderr;
+    assert_trained(&tuned_dir, &(stdout + &stderr));
+    // The cross-iteration norms, with the contrastive loss and an aged memory.
+    for norm in ["cbn", "naive"] {
+        let dir = out.path().join(norm);
+        let (stdout, stderr) = train(
+            &dir,
+            "300",
+            "3",
+            &[
+                "--batch-size",
+                "8",
+                "--per-class",
+                "2",
+                "--init",
+                "models/default",
+                "--loss",
+                "contrastive",
+                "--memory-size",
+                "32",
+                "--memory-max-age",
+                "2",
+                "--norm",
+                norm,
+                "--cbn-window",
+                "2",
+                "--cbn-burnin",
+                "1",
+            ],
+        );
+        assert_trained(&dir, &(stdout + &stderr));
+    }
+    // GradCache with batch or cross-iteration statistics is refused with a clear message.
+    for norm in ["bn", "cbn", "naive"] {
+        let refused = Command::new(env!("CARGO_BIN_EXE_crossbatch"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(train_args(
+                &tuned_dir,
+                "100",
+                "1",
+                &["--gradcache-chunk", "16", "--norm", norm],
+            ))
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{norm}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("--norm frozen"), "{norm}: {stderr}");
+    }
+}
+
+/// `train` took its 3 steps with a finite loss, and the model it wrote loads and evaluates.
+fn assert_trained(model_dir: &Path, log: &str) {
     assert!(log.contains("trained 3 steps"), "{log}");
-    assert!(tuned_dir.join("model.safetensors").exists());
-    // GradCache with batch statistics is refused with a clear message.
-    let refused = Command::new(env!("CARGO_BIN_EXE_crossbatch"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(train_args(
-            &tuned_dir,
-            "100",
-            "1",
-            &["--gradcache-chunk", "16", "--norm", "bn"],
-        ))
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--norm frozen"));
+    let losses = log
+        .split("(loss ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no loss in {log}"));
+    assert!(
+        losses
+            .split(" → ")
+            .all(|l| l.parse::<f64>().is_ok_and(f64::is_finite)),
+        "{losses}"
+    );
+    let report: Value = serde_json::from_str(
+        &crossbatch(&[
+            "eval",
+            "--json",
+            "--device",
+            "cpu",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--labels",
+            FMNIST_LABELS,
+            "--limit",
+            "50",
+            FMNIST_IMAGES,
+        ])
+        .0,
+    )
+    .unwrap();
+    assert!(
+        report["recall_at"]["1"].as_f64().is_some_and(|r| r > 0.0),
+        "{report}"
+    );
 }
 
 #[test]
