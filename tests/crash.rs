@@ -64,17 +64,38 @@ fn acknowledged_writes_survive_repeated_sigkill() {
         "the test wrote too little: {}",
         acknowledged.len()
     );
-    let count = server.item_count() as usize;
-    assert!(
-        count >= acknowledged.len(),
-        "lost writes: {count} < {}",
-        acknowledged.len()
+    // What the store holds of every id ever sent: all that was acknowledged, nothing that was
+    // never sent (the count), and each 5-item request all or nothing (a cut one included).
+    let present: BTreeSet<&String> = attempted
+        .iter()
+        .filter(|id| server.get(&format!("/v1/items/{id}")).0 == 200)
+        .collect();
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|id| !present.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert_eq!(
+        server.item_count() as usize,
+        present.len(),
+        "phantom items: the store holds ids that were never sent"
     );
+    let unacknowledged = attempted.len() - acknowledged.len();
     assert!(
-        count <= attempted.len(),
-        "phantom items: {count} > {}",
-        attempted.len()
+        unacknowledged > 0,
+        "no kill cut a write short: the test proved nothing about crashes"
     );
+    let first_ids = (0..next_id).step_by(5);
+    for first in first_ids {
+        let stored = (first..first + 5)
+            .filter(|i| present.contains(&format!("c{i}")))
+            .count();
+        assert!(
+            stored == 0 || stored == 5,
+            "request c{first}..c{} is half stored ({stored} of 5)",
+            first + 4
+        );
+    }
     for id in acknowledged.iter().step_by(3) {
         let (status, item) = server.get(&format!("/v1/items/{id}"));
         assert_eq!(status, 200, "{id} lost");
