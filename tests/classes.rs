@@ -14,8 +14,11 @@ use common::{fashion_images, upsert_images, Server, TestImage};
 use crossbatch::data::glyphs::{self, DEBIAN_HANGUL_FONT_DIRS};
 use serde_json::{json, Value};
 
-/// Largest allowed fall of the old classes' Recall@1 after learning the new class.
-const MAX_OLD_CLASS_DROP: f64 = 0.10;
+/// Largest allowed fall of the old classes' Recall@1 after learning the new class (measured
+/// 0.00–0.02 over five runs).
+const MAX_OLD_CLASS_DROP: f64 = 0.05;
+/// Least rise of the new class's Recall@1 (measured 0.13–0.20 over five runs).
+const MIN_NEW_CLASS_GAIN: f64 = 0.05;
 /// Least head accuracy on 700 held-out images of the old classes with low-fidelity replay
 /// (between the ~0.70 of classifying the images as they are and the ~0.79 of classifying
 /// their renderings).
@@ -290,7 +293,7 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
         "new class R@1 {new_before:.3} → {new_after:.3}; old classes {old_before:.3} → {old_after:.3}"
     );
     assert!(
-        new_after > new_before,
+        new_after >= new_before + MIN_NEW_CLASS_GAIN,
         "new class R@1 {new_before} → {new_after}"
     );
     assert!(
