@@ -244,6 +244,15 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
     let (status, body) = upload(&server, "new-glyph", &new_images, true);
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["stored"], 15);
+    let ids = body["ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 15);
+    let first_id = ids[0].as_str().unwrap().replace('#', "%23");
+    let (status, item) = server.get(&format!("/v1/items/{first_id}"));
+    assert_eq!(
+        (status, &item["label"]),
+        (200, &json!("new-glyph")),
+        "{item}"
+    );
     let first_generation = body["first_generation"].as_u64().expect("first_generation");
     let new_before = top1_rate(&server, Top1::NearestItem, &new_queries);
     let listed = classes_by_label(&server);

@@ -232,6 +232,9 @@ pub struct GenerationRecord {
 pub struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// The data directory, canonical: generation directories inside it are recorded relative
+    /// to it, so the whole directory can be moved.
+    data_dir: PathBuf,
 }
 
 impl std::fmt::Debug for Store {
@@ -342,9 +345,14 @@ impl Store {
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        let data_dir = std::fs::canonicalize(data_dir).map_err(|source| StoreError::Io {
+            path: data_dir.to_owned(),
+            source,
+        })?;
         Ok(Store {
             conn: Mutex::new(conn),
             path,
+            data_dir,
         })
     }
 
@@ -621,12 +629,22 @@ impl Store {
                  created_unix = excluded.created_unix, details = excluded.details",
             params![
                 version,
-                record.model_dir.to_string_lossy(),
+                self.stored_model_dir(&record.model_dir).to_string_lossy(),
                 created,
                 serde_json::to_string(&record.details)?
             ],
         )?;
         Ok(())
+    }
+
+    /// How a generation's directory is recorded: relative to the data directory when inside
+    /// it, else absolute (a base model elsewhere).
+    fn stored_model_dir(&self, dir: &Path) -> PathBuf {
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+        match dir.strip_prefix(&self.data_dir) {
+            Ok(inside) => inside.to_owned(),
+            Err(_) => dir,
+        }
     }
 
     /// Every recorded generation, oldest first.
@@ -647,7 +665,7 @@ impl Store {
             let (version, dir, created, details) = row?;
             Ok(GenerationRecord {
                 version: to_u64("<generation>", "version", version)?,
-                model_dir: PathBuf::from(dir),
+                model_dir: self.data_dir.join(dir),
                 created_unix: to_u64("<generation>", "created_unix", created)?,
                 details: serde_json::from_str(&details)?,
             })
@@ -967,11 +985,52 @@ mod tests {
     }
 
     #[test]
+    fn generations_inside_the_data_dir_follow_it_when_it_moves() {
+        let parent = tempfile::tempdir().unwrap();
+        let (before, after) = (parent.path().join("before"), parent.path().join("after"));
+        let elsewhere = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(&before).unwrap();
+            std::fs::create_dir_all(before.join("generations/2")).unwrap();
+            for (version, model_dir) in [
+                (2, before.join("generations/2")),
+                (1, elsewhere.path().to_owned()),
+            ] {
+                store
+                    .record_generation(&GenerationRecord {
+                        version,
+                        model_dir,
+                        created_unix: 0,
+                        details: json!({}),
+                    })
+                    .unwrap();
+            }
+        }
+        std::fs::rename(&before, &after).unwrap();
+        let store = Store::open(&after).unwrap();
+        let dirs: Vec<PathBuf> = store
+            .generations()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.model_dir)
+            .collect();
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap();
+        assert_eq!(
+            dirs,
+            [
+                canonical(elsewhere.path()),
+                canonical(&after).join("generations/2")
+            ]
+        );
+    }
+
+    #[test]
     fn generations_are_recorded_durably() {
         let dir = tempfile::tempdir().unwrap();
+        let data_dir = std::fs::canonicalize(dir.path()).unwrap();
         let record = |version: u64| GenerationRecord {
             version,
-            model_dir: dir.path().join(format!("generations/{version}")),
+            model_dir: data_dir.join(format!("generations/{version}")),
             created_unix: 1_700_000_000 + version,
             details: json!({ "steps": version * 100 }),
         };

@@ -40,6 +40,8 @@ pub struct NewClassRequest {
 pub struct NewClassResponse {
     label: String,
     stored: usize,
+    /// The examples' ids (`LABEL#hex`; percent-encode the `#` in an item URL).
+    ids: Vec<String>,
     indexed: bool,
     /// The generation expected to be the first that includes the class (None without a
     /// trainer).
@@ -70,6 +72,8 @@ pub async fn create_class(
     let prepared = prepare_all(payloads, generation.info.spec.input.clone()).await?;
     let stored = prepared.len();
     let label = request.label;
+    let ids: Vec<String> = (0..stored).map(|_| example_id(&label)).collect();
+    let response_ids = ids.clone();
     let index = request.index.unwrap_or(true);
     let embeddings = if index {
         let values = prepared.iter().map(|p| p.values.clone()).collect();
@@ -101,8 +105,9 @@ pub async fn create_class(
                 let items: Vec<NewItem> = prepared
                     .into_iter()
                     .zip(embeddings)
-                    .map(|(p, embedding)| NewItem {
-                        id: example_id(&label),
+                    .zip(ids)
+                    .map(|((p, embedding), id)| NewItem {
+                        id,
                         label: Some(label.clone()),
                         metadata: json!({ "class_upload": true }),
                         input: p.raw,
@@ -119,8 +124,9 @@ pub async fn create_class(
             None => {
                 let examples: Vec<ClassExample> = prepared
                     .into_iter()
-                    .map(|p| ClassExample {
-                        id: example_id(&label),
+                    .zip(ids)
+                    .map(|(p, id)| ClassExample {
+                        id,
                         input: p.raw,
                         input_kind: p.kind,
                     })
@@ -139,6 +145,7 @@ pub async fn create_class(
     Ok(Json(NewClassResponse {
         label: response_label,
         stored,
+        ids: response_ids,
         indexed: index,
         first_generation,
     }))
