@@ -61,7 +61,12 @@ fn train(out: &Path, limit: &str, steps: &str, options: &[&str]) -> (String, Str
 #[test]
 fn import_then_eval_through_the_server_matches_offline_eval() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[]);
+    // A server that takes fewer inputs per request than the default --batch-size of 64:
+    // import and eval lower their batches to its limit.
+    let server = Server::start(
+        dir.path(),
+        &[("CROSSBATCH__BATCHING__MAX_INPUTS_PER_REQUEST", "48")],
+    );
     let data = [
         "--format",
         "idx",
@@ -71,7 +76,7 @@ fn import_then_eval_through_the_server_matches_offline_eval() {
         "400",
         FMNIST_IMAGES,
     ];
-    let mut import = vec!["import", "--server", &server.url, "--batch-size", "64"];
+    let mut import = vec!["import", "--server", &server.url];
     import.extend(data);
     crossbatch(&import);
     assert_eq!(server.item_count(), 400);

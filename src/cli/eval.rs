@@ -8,7 +8,7 @@ use base64::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
-use super::import::post_with_retry;
+use super::import::{batch_size_for_server, post_with_retry};
 use crate::data::{self, Dataset, DatasetArgs};
 use crate::embed::preprocess::image_to_input;
 use crate::eval::{evaluate_vectors, EvalReport};
@@ -36,9 +36,9 @@ pub struct EvalArgs {
     /// Device for --model: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto", conflicts_with = "server")]
     pub device: String,
-    /// Images per `/v1/embed` request with --server (at least 1; at most the server's
-    /// `max_inputs_per_request`, and lower it for large photos: each request must stay under
-    /// the server's body limit).
+    /// Images per `/v1/embed` request with --server (at least 1; lowered to the server's
+    /// `max_inputs_per_request`; lower it for large photos: each request must stay under the
+    /// server's body limit).
     #[arg(long, default_value_t = 64, conflicts_with = "model", value_parser = super::at_least_one())]
     pub batch_size: usize,
 }
@@ -92,6 +92,7 @@ pub fn embed_with_server(
         .timeout(Duration::from_secs(300))
         .build()?;
     let url = format!("{}/v1/embed", server.trim_end_matches('/'));
+    let batch_size = batch_size_for_server(&client, server, batch_size)?;
     let body = |chunk: &[data::Sample]| -> anyhow::Result<serde_json::Value> {
         let mut inputs = Vec::with_capacity(chunk.len());
         for sample in chunk {

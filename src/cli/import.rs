@@ -14,7 +14,7 @@ pub struct ImportArgs {
     /// Base URL of the server, e.g. http://127.0.0.1:8080.
     #[arg(long)]
     pub server: String,
-    /// Items per request (at least 1).
+    /// Items per request (at least 1; lowered to the server's `max_inputs_per_request`).
     #[arg(long, default_value_t = 64, value_parser = super::at_least_one())]
     pub batch_size: usize,
     /// Prefix of the generated item ids (`PREFIX{index}`); default: the dataset file's name
@@ -50,7 +50,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     progress.set_style(ProgressStyle::with_template(
         "{bar:40} {pos}/{len} items  {per_sec}  eta {eta}",
     )?);
-    let batch_size = args.batch_size;
+    let batch_size = batch_size_for_server(&client, &args.server, args.batch_size)?;
     for (batch_index, batch) in dataset.samples.chunks(batch_size).enumerate() {
         let mut items = Vec::with_capacity(batch.len());
         for (offset, sample) in batch.iter().enumerate() {
@@ -89,29 +89,67 @@ pub fn post_with_retry(
     url: &str,
     body: &serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
+    send_with_retry(&format!("POST {url}"), || {
+        client.post(url).json(body).send()
+    })
+}
+
+/// The most inputs the server at `server` takes in one request (`/v1/info`'s
+/// `limits.max_inputs_per_request`), waiting like [`post_with_retry`] while it starts.
+pub fn server_input_limit(
+    client: &reqwest::blocking::Client,
+    server: &str,
+) -> anyhow::Result<usize> {
+    let url = format!("{}/v1/info", server.trim_end_matches('/'));
+    let info = send_with_retry(&format!("GET {url}"), || client.get(&url).send())?;
+    info["limits"]["max_inputs_per_request"]
+        .as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .with_context(|| format!("GET {url}: no limits.max_inputs_per_request in {info}"))
+}
+
+/// `batch_size`, lowered (with a note) to what the server takes in one request.
+pub fn batch_size_for_server(
+    client: &reqwest::blocking::Client,
+    server: &str,
+    batch_size: usize,
+) -> anyhow::Result<usize> {
+    let limit = server_input_limit(client, server)?;
+    if batch_size > limit {
+        eprintln!("--batch-size {batch_size} is above the server's limit; using {limit}");
+    }
+    Ok(batch_size.min(limit).max(1))
+}
+
+/// Sends a request (again and again, for up to ten minutes with backoff) while the answer is
+/// 429 or 503 or the server cannot be reached; `what` names it in errors.
+fn send_with_retry(
+    what: &str,
+    send: impl Fn() -> reqwest::Result<reqwest::blocking::Response>,
+) -> anyhow::Result<serde_json::Value> {
     let deadline = std::time::Instant::now() + RETRY_FOR;
     let mut delay = Duration::from_millis(50);
     let mut told = false;
     loop {
-        let retry = match client.post(url).json(body).send() {
+        let retry = match send() {
             Ok(response) => {
                 let status = response.status();
                 if status.as_u16() == 429 || status.as_u16() == 503 {
                     format!("answered {status}")
                 } else {
                     let text = response.text()?;
-                    anyhow::ensure!(status.is_success(), "POST {url} answered {status}: {text}");
+                    anyhow::ensure!(status.is_success(), "{what} answered {status}: {text}");
                     return Ok(serde_json::from_str(&text)?);
                 }
             }
             Err(e) if e.is_connect() || e.is_timeout() => e.to_string(),
-            Err(e) => return Err(e).with_context(|| format!("POST {url}")),
+            Err(e) => return Err(e).with_context(|| what.to_owned()),
         };
         if std::time::Instant::now() + delay > deadline {
-            anyhow::bail!("POST {url}: still {retry} after {RETRY_FOR:?} of retries");
+            anyhow::bail!("{what}: still {retry} after {RETRY_FOR:?} of retries");
         }
         if !told {
-            eprintln!("POST {url}: {retry}; retrying for up to {RETRY_FOR:?}");
+            eprintln!("{what}: {retry}; retrying for up to {RETRY_FOR:?}");
             told = true;
         }
         std::thread::sleep(delay);

@@ -31,7 +31,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
     ))
 }
 
-/// `GET /v1/info`: model, device, input spec and item count.
+/// `GET /v1/info`: model, device, input spec, item counts and the request limits.
 pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let generation = live_generation(&state)?;
     let store = state.store.clone();
@@ -50,5 +50,10 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, ApiError
         "input": spec.input,
         "items": items,
         "index_items": generation.index.len(),
+        "limits": {
+            "max_inputs_per_request": state.config.batching.max_inputs_per_request,
+            "body_limit_bytes": state.config.server.body_limit_bytes,
+            "max_k": state.config.search.max_k,
+        },
     })))
 }
