@@ -398,7 +398,7 @@ impl VectorIndex {
         state
             .label_live
             .iter()
-            .filter(|(&label, _)| wanted(&state.labels[label as usize]))
+            .filter(|(&label, tally)| tally.live > 0 && wanted(&state.labels[label as usize]))
             .filter_map(|(&label, tally)| {
                 let mean = tally.mean_direction()?;
                 Some((state.labels[label as usize].to_string(), mean))

@@ -132,12 +132,17 @@ pub async fn start(
 
     let (shutdown, stop_requested) = tokio::sync::oneshot::channel::<()>();
     let router = api::router(state.clone());
+    let trainer = state.trainer.clone();
     let task = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 tokio::select! {
                     _ = shutdown_signal => {}
                     _ = stop_requested => {}
+                }
+                // The trainer ends its step while requests drain, within the same grace.
+                if let Some(trainer) = trainer {
+                    trainer.request_stop();
                 }
             })
             .await

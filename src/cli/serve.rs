@@ -1,6 +1,6 @@
 //! `crossbatch serve`: the HTTP server.
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 
@@ -54,6 +54,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // When the grace period ends, once a signal has come.
+    let deadline = std::sync::Arc::new(std::sync::OnceLock::new());
+    let shutdown_deadline = deadline.clone();
     let served = runtime.block_on(async move {
         let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
         let server = crate::server::start(config, async move {
@@ -66,16 +69,27 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             if signalled_rx.await.is_ok() {
                 tracing::info!("shutting down; draining in-flight requests and the trainer");
-                tokio::time::sleep(grace).await;
-                tracing::warn!("grace period over; exiting before the shutdown drained");
-                std::process::exit(1);
+                let _ = shutdown_deadline.set(Instant::now() + grace);
+                // A plain thread: it outlives the runtime's own shutdown below, so the grace
+                // period bounds the whole exit.
+                std::thread::spawn(move || {
+                    std::thread::sleep(grace);
+                    tracing::warn!("grace period over; exiting before the shutdown drained");
+                    std::process::exit(1);
+                });
             }
         });
         server.wait().await
     });
-    // Blocking work still running (a start-up re-embedding a large store) gets the same grace
-    // as requests, instead of holding the process until it ends.
-    runtime.shutdown_timeout(grace);
+    // Blocking work still running (a start-up re-embedding a large store) gets what is left
+    // of the grace period, instead of holding the process until it ends.
+    let left = deadline.get().map_or(grace, |d: &Instant| {
+        d.saturating_duration_since(Instant::now())
+    });
+    runtime.shutdown_timeout(left);
+    if deadline.get().is_some_and(|d| Instant::now() >= *d) {
+        anyhow::bail!("the grace period ended before the start-up work did");
+    }
     served
 }
 

@@ -349,11 +349,36 @@ impl Store {
             path: data_dir.to_owned(),
             source,
         })?;
-        Ok(Store {
+        let store = Store {
             conn: Mutex::new(conn),
             path,
             data_dir,
-        })
+        };
+        store.migrate_generation_dirs()?;
+        Ok(store)
+    }
+
+    /// Rewrites generation directories recorded by earlier versions relative to the working
+    /// directory (`./data/generations/N`) into the current form, when that is where they are.
+    fn migrate_generation_dirs(&self) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let rows: Vec<(i64, String)> = conn
+            .prepare("SELECT version, model_dir FROM generations")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (version, recorded) in rows {
+            let recorded = PathBuf::from(recorded);
+            if recorded.is_absolute() || self.data_dir.join(&recorded).exists() {
+                continue;
+            }
+            if let Ok(found) = std::fs::canonicalize(&recorded) {
+                conn.execute(
+                    "UPDATE generations SET model_dir = ?1 WHERE version = ?2",
+                    params![self.stored_model_dir(&found).to_string_lossy(), version],
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Path of the database file.
@@ -640,7 +665,10 @@ impl Store {
     /// How a generation's directory is recorded: relative to the data directory when inside
     /// it, else absolute (a base model elsewhere).
     fn stored_model_dir(&self, dir: &Path) -> PathBuf {
-        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+        // A directory that is not there (yet) is made absolute without resolving links.
+        let dir = std::fs::canonicalize(dir)
+            .or_else(|_| std::path::absolute(dir))
+            .unwrap_or_else(|_| dir.to_owned());
         match dir.strip_prefix(&self.data_dir) {
             Ok(inside) => inside.to_owned(),
             Err(_) => dir,
@@ -1007,6 +1035,17 @@ mod tests {
             }
         }
         std::fs::rename(&before, &after).unwrap();
+        // A row as earlier versions wrote it: relative to the working directory.
+        std::fs::create_dir_all(after.join("generations/3")).unwrap();
+        let cwd_relative = relative_to_cwd(&after.join("generations/3"));
+        {
+            let conn = Connection::open(after.join(DB_FILE_NAME)).unwrap();
+            conn.execute(
+                "INSERT INTO generations (version, model_dir, created_unix, details) VALUES (3, ?1, 0, '{}')",
+                params![cwd_relative.to_string_lossy()],
+            )
+            .unwrap();
+        }
         let store = Store::open(&after).unwrap();
         let dirs: Vec<PathBuf> = store
             .generations()
@@ -1019,9 +1058,19 @@ mod tests {
             dirs,
             [
                 canonical(elsewhere.path()),
-                canonical(&after).join("generations/2")
+                canonical(&after).join("generations/2"),
+                canonical(&after).join("generations/3"),
             ]
         );
+    }
+
+    /// `path` relative to the working directory (`../..` up to the root, then down).
+    fn relative_to_cwd(path: &Path) -> PathBuf {
+        let cwd = std::env::current_dir().unwrap();
+        let up = cwd.components().count() - 1;
+        let mut relative: PathBuf = (0..up).map(|_| "..").collect();
+        relative.push(path.strip_prefix("/").unwrap());
+        relative
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::pool::{ExamplePool, Probe};
 use super::TrainError;
 use crate::config::TrainerConfig;
 use crate::metrics::Metrics;
-use crate::registry::{BuildOrigin, Publisher};
+use crate::registry::{BuildError, BuildOrigin, Publisher};
 use crate::store::{GenerationRecord, Store};
 
 /// Steps between re-reads of the labelled examples from the store.
@@ -105,13 +105,14 @@ struct Control {
     stopped: bool,
     finished: bool,
     paused: bool,
+    /// A publish asked for through the API or by learnt classes.
     publish_requested: bool,
+    /// A periodic publish is due (dropped by a pause).
+    periodic_publish_due: bool,
     /// New classes were uploaded since the trainer last read the store.
     classes_changed: bool,
     /// Highest generation version the trainer has taken (published or about to be).
     reserved_version: u64,
-    /// What the thread is doing, pause aside (`status.state` is `Paused` while paused).
-    activity: TrainerState,
     replay: ReplayStatus,
     status: TrainerStatus,
 }
@@ -131,12 +132,12 @@ impl TrainerHandle {
     pub fn status(&self) -> TrainerStatus {
         let control = self.lock();
         TrainerStatus {
+            // The stored state is what the thread does, pause aside.
             state: if control.paused {
                 TrainerState::Paused
             } else {
-                control.activity
+                control.status.state
             },
-            // The stored `state` is never read: `activity` and `paused` make it.
             ..control.status.clone()
         }
     }
@@ -147,7 +148,7 @@ impl TrainerHandle {
     pub fn pause(&self) {
         let mut control = self.lock();
         control.paused = true;
-        control.publish_requested = false;
+        control.periodic_publish_due = false;
     }
 
     /// Resumes training.
@@ -156,13 +157,19 @@ impl TrainerHandle {
         self.shared.1.notify_all();
     }
 
+    /// Tells the trainer thread to end after its current step (it starts no build from then
+    /// on); returns at once.
+    pub fn request_stop(&self) {
+        self.lock().stopped = true;
+        self.shared.1.notify_all();
+    }
+
     /// Ends the trainer thread after its current step and waits up to `timeout` for it, so
     /// that no training step runs while the process tears libtorch down. Returns whether it
     /// ended in time.
     pub fn stop(&self, timeout: Duration) -> bool {
+        self.request_stop();
         let mut control = self.lock();
-        control.stopped = true;
-        self.shared.1.notify_all();
         let deadline = Instant::now() + timeout;
         while !control.finished {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -240,9 +247,9 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
                 finished: false,
                 paused: context.config.start_paused,
                 publish_requested: false,
+                periodic_publish_due: false,
                 classes_changed: false,
                 reserved_version: 0,
-                activity: TrainerState::Starting,
                 replay: ReplayStatus::default(),
                 status: TrainerStatus {
                     state: TrainerState::Starting,
@@ -267,11 +274,21 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
     std::thread::Builder::new()
         .name("online-trainer".into())
         .spawn(move || {
-            run(context, &thread_handle);
-            thread_handle.lock().finished = true;
-            thread_handle.shared.1.notify_all();
+            let finished = MarkFinished(&thread_handle);
+            run(context, finished.0);
         })?;
     Ok(handle)
+}
+
+/// Marks the trainer thread finished when dropped: when `run` returns and when it panics, so
+/// that a stop never waits for a thread that is gone.
+struct MarkFinished<'a>(&'a TrainerHandle);
+
+impl Drop for MarkFinished<'_> {
+    fn drop(&mut self) {
+        self.0.lock().finished = true;
+        self.0.shared.1.notify_all();
+    }
 }
 
 /// The trainer's weights plus what it knows about where they came from.
@@ -312,6 +329,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                     let mut control = handle.lock();
                     // A publish asked for before the restart was of the weights just dropped.
                     control.publish_requested = false;
+                    control.periodic_publish_due = false;
                     control.status.base_generation = Some(live.version);
                     control.status.step = 0;
                     control.status.message = None;
@@ -393,7 +411,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 };
                 {
                     let mut control = handle.lock();
-                    control.activity = TrainerState::Training;
+                    control.status.state = TrainerState::Training;
                     control.status.message = None;
                     control.status.step = current.steps;
                     control.status.loss = Some(loss);
@@ -403,10 +421,12 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 // Periodic publishes wait while uploaded classes are being learnt, so the
                 // generation expected to include them is the next one published.
                 let periodic = current.steps % context.config.publish_every.max(1) == 0;
-                if learnt || (periodic && !current.classes.focusing()) {
+                {
                     let mut control = handle.lock();
-                    // A pause that came during the step holds this publish back too.
-                    control.publish_requested |= !control.paused;
+                    control.publish_requested |= learnt;
+                    // A pause that came during the step holds a periodic publish back too.
+                    control.periodic_publish_due |=
+                        periodic && !current.classes.focusing() && !control.paused;
                 }
                 if learnt {
                     let mut control = handle.lock();
@@ -416,7 +436,10 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 }
                 maybe_publish(&context, handle, current);
                 let duty = context.config.duty_cycle.clamp(0.01, 1.0);
-                std::thread::sleep(Duration::from_secs_f64(seconds * (1.0 - duty) / duty));
+                rest(
+                    handle,
+                    Duration::from_secs_f64(seconds * (1.0 - duty) / duty),
+                );
             }
             Err(e) => {
                 tracing::warn!("trainer step failed: {e}");
@@ -442,8 +465,24 @@ fn rng_seed(rng: &mut StdRng) -> u64 {
 
 fn set_state(handle: &TrainerHandle, state: TrainerState, message: Option<String>) {
     let mut control = handle.lock();
-    control.activity = state;
+    control.status.state = state;
     control.status.message = message;
+}
+
+/// Sleeps for `pause`, waking early when the trainer is told to stop.
+fn rest(handle: &TrainerHandle, pause: Duration) {
+    let deadline = Instant::now() + pause;
+    let mut control = handle.lock();
+    while !control.stopped {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        control = match handle.shared.1.wait_timeout(control, left) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        };
+    }
 }
 
 fn wait(handle: &TrainerHandle) {
@@ -534,14 +573,21 @@ fn refresh(
 fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut Session) {
     // Weights an activation has overtaken are not published; the loop restarts from it next.
     let superseded = context.publisher.activations() != session.activations_seen;
-    if !handle.lock().publish_requested
-        || session.steps == 0
-        || context.publisher.is_busy()
-        || superseded
     {
-        return;
+        let mut control = handle.lock();
+        let due = control.publish_requested || control.periodic_publish_due;
+        // Stopping: no build may start while the process tears libtorch down.
+        if !due
+            || control.stopped
+            || session.steps == 0
+            || context.publisher.is_busy()
+            || superseded
+        {
+            return;
+        }
+        control.publish_requested = false;
+        control.periodic_publish_due = false;
     }
-    handle.lock().publish_requested = false;
     match publish(context, handle, session) {
         Ok((version, drift)) => {
             session.published.push(version);
@@ -552,7 +598,13 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
             control.status.last_published = Some(version);
             control.status.last_drift = drift.or(control.status.last_drift);
         }
-        Err(e) => tracing::error!("publishing a generation failed: {e:#}"),
+        Err(e) => match e.downcast_ref::<BuildError>() {
+            // Raced by an activation or another build: the loop restarts or retries.
+            Some(refused @ (BuildError::Superseded { .. } | BuildError::Busy(_))) => {
+                tracing::info!("not published: {refused}");
+            }
+            _ => tracing::error!("publishing a generation failed: {e:#}"),
+        },
     }
 }
 
@@ -608,9 +660,6 @@ fn publish(
         created_unix: crate::server::unix_now(),
         details,
     })?;
-    let learnt = session.classes.take_learnt();
-    store.mark_first_generation(&learnt, version)?;
-    context.metrics.classes_learnt.inc_by(learnt.len() as u64);
     context.publisher.start(
         version,
         dir,
@@ -618,6 +667,11 @@ fn publish(
             activations_seen: session.activations_seen,
         },
     )?;
+    // Only a build that started includes the learnt classes: a refused one leaves them to
+    // the next publish.
+    let learnt = session.classes.take_learnt();
+    store.mark_first_generation(&learnt, version)?;
+    context.metrics.classes_learnt.inc_by(learnt.len() as u64);
     tracing::info!(
         version,
         steps = session.steps,

@@ -227,8 +227,9 @@ pub async fn classify(
         .as_ref()
         .map(|h| h.snapshot.labels.iter().cloned().collect())
         .unwrap_or_default();
-    // The index keeps per-label running sums, so this is O(labels), not a scan.
-    let means = generation.index.label_means(|label| !known.contains(label));
+    // The index keeps per-label running sums: O(labels × dim), no scan, but off the runtime.
+    let index = generation.index.clone();
+    let means = blocking(move || Ok(index.label_means(|label| !known.contains(label)))).await?;
     if head.as_ref().is_none_or(|h| h.snapshot.labels.is_empty()) && means.is_empty() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
