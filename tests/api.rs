@@ -109,6 +109,16 @@ fn search_by_vector_item_and_batch_with_label_filter() {
     }
 }
 
+/// The largest difference between two JSON embeddings of equal length.
+fn max_abs_diff(a: &Value, b: &Value) -> f64 {
+    a.as_array()
+        .unwrap()
+        .iter()
+        .zip(b.as_array().unwrap())
+        .map(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs())
+        .fold(0.0, f64::max)
+}
+
 #[test]
 fn embed_images_and_tensors_consistently() {
     let dir = tempfile::tempdir().unwrap();
@@ -142,13 +152,7 @@ fn embed_images_and_tensors_consistently() {
     }
     // One image embedded alone equals the same image embedded in a batch.
     let (_, alone) = server.post("/v1/embed", &json!({ "inputs": [inputs[1]] }));
-    let diff: f64 = alone["embeddings"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(embeddings[1].as_array().unwrap())
-        .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
-        .fold(0.0, f64::max);
+    let diff = max_abs_diff(&alone["embeddings"][0], &embeddings[1]);
     assert!(diff < 1e-4, "batching changes the embedding by {diff}");
 
     // The image preprocessed here into a tensor embeds exactly as the image itself.
@@ -163,13 +167,7 @@ fn embed_images_and_tensors_consistently() {
         &json!({ "inputs": [{ "tensor": tensor, "shape": [c, h, w] }] }),
     );
     assert_eq!(status, 200, "{body}");
-    let diff: f64 = body["embeddings"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(embeddings[1].as_array().unwrap())
-        .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
-        .fold(0.0, f64::max);
+    let diff = max_abs_diff(&body["embeddings"][0], &embeddings[1]);
     assert!(diff < 1e-4, "tensor and image inputs differ by {diff}");
     assert!(body["model_version"].as_u64().unwrap() >= 1);
 }

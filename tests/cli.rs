@@ -122,28 +122,9 @@ fn import_then_eval_through_the_server_matches_offline_eval() {
 fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() {
     let out = tempfile::tempdir().unwrap();
     let model_dir = out.path().join("model");
-    let model = model_dir.to_str().unwrap();
     train(&model_dir, "500", "3", &["--batch-size", "32"]);
     assert!(model_dir.join("model.toml").exists());
-    let report: Value = serde_json::from_str(
-        &crossbatch(&[
-            "eval",
-            "--json",
-            "--device",
-            "cpu",
-            "--model",
-            model,
-            "--format",
-            "idx",
-            "--labels",
-            FMNIST_LABELS,
-            "--limit",
-            "100",
-            FMNIST_IMAGES,
-        ])
-        .0,
-    )
-    .unwrap();
+    let report = eval_model(&model_dir, "100");
     assert_eq!(report["n"], 100);
 
     // Fine-tuning with every objective switch: multi-similarity, XBM, GradCache, frozen BN.
@@ -220,6 +201,25 @@ fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() 
     }
 }
 
+/// `crossbatch eval --json` of the model in `model_dir` on the first `limit` Fashion-MNIST
+/// test images.
+fn eval_model(model_dir: &Path, limit: &str) -> Value {
+    let output = crossbatch(&[
+        "eval",
+        "--json",
+        "--device",
+        "cpu",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--labels",
+        FMNIST_LABELS,
+        "--limit",
+        limit,
+        FMNIST_IMAGES,
+    ]);
+    serde_json::from_str(&output.0).unwrap()
+}
+
 /// `train` took its 3 steps with a finite loss, and the model it wrote loads and evaluates.
 fn assert_trained(model_dir: &Path, log: &str) {
     assert!(log.contains("trained 3 steps"), "{log}");
@@ -234,23 +234,7 @@ fn assert_trained(model_dir: &Path, log: &str) {
             .all(|l| l.parse::<f64>().is_ok_and(f64::is_finite)),
         "{losses}"
     );
-    let report: Value = serde_json::from_str(
-        &crossbatch(&[
-            "eval",
-            "--json",
-            "--device",
-            "cpu",
-            "--model",
-            model_dir.to_str().unwrap(),
-            "--labels",
-            FMNIST_LABELS,
-            "--limit",
-            "50",
-            FMNIST_IMAGES,
-        ])
-        .0,
-    )
-    .unwrap();
+    let report = eval_model(model_dir, "50");
     assert!(
         report["recall_at"]["1"].as_f64().is_some_and(|r| r > 0.0),
         "{report}"
