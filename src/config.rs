@@ -210,6 +210,14 @@ impl Config {
             trainer.lr.is_finite() && trainer.lr > 0.0,
             "trainer.lr must be positive",
         )?;
+        check(
+            trainer.publish_every >= 1,
+            "trainer.publish_every must be at least 1",
+        )?;
+        trainer
+            .objective
+            .validate()
+            .map_err(|e| format!("trainer.objective.{e}"))?;
         trainer
             .classes
             .validate()
@@ -330,6 +338,12 @@ mod tests {
             ("SEARCH__MAX_K", "0", "max_k"),
             ("SERVER__BODY_LIMIT_BYTES", "10", "body_limit_bytes"),
             ("TRAINER__CLASSES__HEAD_WEIGHT", "-1", "head_weight"),
+            ("TRAINER__PUBLISH_EVERY", "0", "publish_every"),
+            (
+                "TRAINER__OBJECTIVE__GRADCACHE_CHUNK",
+                "16",
+                "trainer.objective.gradcache_chunk",
+            ),
         ] {
             let env = vec![(format!("CROSSBATCH__{key}"), value.to_string())];
             let error = Config::load(None, env).unwrap_err().to_string();

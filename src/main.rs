@@ -1,7 +1,7 @@
 //! The `crossbatch` binary: see `crossbatch --help`.
 use clap::Parser;
 
-fn main() -> std::process::ExitCode {
+fn main() -> ! {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -9,11 +9,13 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match crossbatch::cli::run(crossbatch::cli::Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let code = match crossbatch::cli::run(crossbatch::cli::Cli::parse()) {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {}", crossbatch::cli::error_report(&e));
-            std::process::ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Not a normal return: a server may still have a build embedding on another thread.
+    crossbatch::server::exit_now(code)
 }

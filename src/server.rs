@@ -125,7 +125,7 @@ pub async fn start(
             Err(panic) => format!("the loader panicked: {panic}"),
         };
         tracing::error!("start-up failed: {failure}");
-        std::process::exit(1);
+        exit_now(1);
     });
 
     spawn_compactor(Arc::downgrade(&state.registry));
@@ -153,6 +153,18 @@ pub async fn start(
         shutdown,
         task,
     })
+}
+
+/// Ends the process with `code` at once, without the C and C++ exit handlers: libtorch's
+/// static destructors would race a thread still running a model (a build dropped at
+/// shutdown, a trainer step past the grace period) and crash the process. Standard output
+/// and error are flushed first; everything acknowledged is already durable in the store.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` takes no pointers; it ends the process and never returns.
+    unsafe { libc::_exit(code) }
 }
 
 /// How often the background compactor checks the live index's tombstone fraction.

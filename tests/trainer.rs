@@ -335,13 +335,16 @@ fn rollback_roll_forward_and_restart_keep_the_active_generation() {
     );
     assert_index_matches_model(&server, &probe, "r-7");
 
-    // SIGTERM while the trainer steps: its current step ends within the grace period and the
-    // process exits with 0 (a shutdown the grace period cut short exits with 1).
+    // SIGTERM while the trainer steps and a build re-embeds the gallery: the step ends within
+    // the grace period, the build is dropped, and the process exits with 0 (a shutdown the
+    // grace period cut short exits with 1; one that ran libtorch's exit handlers under the
+    // build crashed).
     server.kill();
     let server = Server::start(dir.path(), &FAST_TRAINER);
     wait_for("the trainer to step", Duration::from_secs(120), || {
         server.get("/v1/trainer").1["step"].as_u64() >= Some(3)
     });
+    activate(&server, base);
     let status = server.terminate();
     assert!(status.success(), "SIGTERM ended the server with {status}");
 }

@@ -75,7 +75,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 std::thread::spawn(move || {
                     std::thread::sleep(grace);
                     tracing::warn!("grace period over; exiting before the shutdown drained");
-                    std::process::exit(1);
+                    crate::server::exit_now(1);
                 });
             }
         });
@@ -88,7 +88,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     runtime.shutdown_timeout(left);
     if deadline.get().is_some_and(|d| Instant::now() >= *d) {
-        anyhow::bail!("the grace period ended before the start-up work did");
+        anyhow::bail!("the grace period ended before the shutdown finished");
     }
     served
 }

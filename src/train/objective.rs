@@ -67,6 +67,22 @@ impl Objective {
         }
     }
 
+    /// Settings that could never train, named by their config keys (`crossbatch train` names
+    /// its flags when the trainer refuses them).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.gradcache_chunk > 0 && self.norm != NormMode::Frozen {
+            return Err(
+                "gradcache_chunk needs norm = \"frozen\" (batch statistics would differ per \
+                 chunk)"
+                    .into(),
+            );
+        }
+        if self.norm.pools_across_iterations() && self.cbn_window == 0 {
+            return Err("cbn_window must be at least 1".into());
+        }
+        Ok(())
+    }
+
     /// Applies memory, BatchNorm and GradCache settings to a trainer.
     pub fn apply(&self, trainer: &mut Trainer) -> Result<(), TrainError> {
         trainer.set_memory(self.memory());

@@ -111,6 +111,9 @@ struct Control {
     periodic_publish_due: bool,
     /// New classes were uploaded since the trainer last read the store.
     classes_changed: bool,
+    /// Class uploads between [`TrainerHandle::expect_class`] and their store write: periodic
+    /// publishes wait for them, so the generation an upload expects stays free for it.
+    uploads_in_flight: usize,
     /// Highest generation version the trainer has taken (published or about to be).
     reserved_version: u64,
     replay: ReplayStatus,
@@ -191,34 +194,42 @@ impl TrainerHandle {
         self.shared.1.notify_all();
     }
 
-    /// The version of the generation that will first include a class uploaded now: the next
-    /// version after every generation recorded or being published. The trainer holds back
-    /// its periodic publishes until it has learnt the pending classes, so the next
-    /// generation it publishes is that one (unless a publish is forced through the API).
-    pub fn expect_class(&self, store: &Store) -> Result<u64, crate::store::StoreError> {
-        let recorded = store.generations()?.last().map_or(0, |g| g.version);
-        let control = self.lock();
-        Ok(recorded.max(control.reserved_version) + 1)
-    }
-
-    /// Takes the version of the next generation to publish (see [`TrainerHandle::expect_class`]).
-    fn reserve_version(&self, store: &Store, live: u64) -> Result<u64, crate::store::StoreError> {
+    /// Starts a class upload: the version of the generation that will first include the class
+    /// (the next version after every generation recorded or being published), held for it
+    /// until the returned [`ClassUpload`] is dropped after the store write. The trainer holds
+    /// back its periodic publishes meanwhile and while it learns the pending classes, so the
+    /// next generation it publishes is that one (unless a publish is forced through the API).
+    pub fn expect_class(&self, store: &Store) -> Result<ClassUpload, crate::store::StoreError> {
+        // Read before the lock: a version recorded later was reserved first.
         let recorded = store.generations()?.last().map_or(0, |g| g.version);
         let mut control = self.lock();
-        let version = recorded.max(live).max(control.reserved_version) + 1;
-        control.reserved_version = version;
-        Ok(version)
-    }
-
-    /// Tells the trainer that classes were uploaded: it re-reads the store before its next step.
-    pub fn classes_changed(&self) {
-        self.lock().classes_changed = true;
-        self.shared.1.notify_all();
+        control.uploads_in_flight += 1;
+        Ok(ClassUpload {
+            expected_generation: recorded.max(control.reserved_version) + 1,
+            trainer: self.clone(),
+        })
     }
 
     /// The replay memory's occupancy.
     pub fn replay_status(&self) -> ReplayStatus {
         self.lock().replay.clone()
+    }
+}
+
+/// A class upload in progress ([`TrainerHandle::expect_class`]). Dropping it, once the
+/// class is stored (or the upload failed), tells the trainer to re-read the store.
+pub struct ClassUpload {
+    /// The generation expected to be the first that includes the class.
+    pub expected_generation: u64,
+    trainer: TrainerHandle,
+}
+
+impl Drop for ClassUpload {
+    fn drop(&mut self) {
+        let mut control = self.trainer.lock();
+        control.uploads_in_flight = control.uploads_in_flight.saturating_sub(1);
+        control.classes_changed = true;
+        self.trainer.shared.1.notify_all();
     }
 }
 
@@ -249,6 +260,7 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
                 publish_requested: false,
                 periodic_publish_due: false,
                 classes_changed: false,
+                uploads_in_flight: 0,
                 reserved_version: 0,
                 replay: ReplayStatus::default(),
                 status: TrainerStatus {
@@ -299,6 +311,8 @@ struct Session {
     /// [`Publisher::activations`] when the session started from `base`.
     activations_seen: u64,
     published: Vec<u64>,
+    /// `steps` when the last generation was published: nothing new to publish until it grows.
+    published_at_step: usize,
     probe: Option<Probe>,
     steps: usize,
     last_loss: Option<f64>,
@@ -524,6 +538,7 @@ fn start_session(
         base: version,
         activations_seen,
         published: Vec::new(),
+        published_at_step: 0,
         probe: None,
         steps: 0,
         last_loss: None,
@@ -568,18 +583,31 @@ fn refresh(
         .refresh(&session.trainer, pool, &context.store, &examples)
 }
 
-/// Publishes a generation if one was requested, the trainer has taken steps since its base,
-/// and no build is running.
+/// Publishes a generation if one is due (asked for, or a periodic one no class upload is
+/// waiting on), the trainer has taken steps since its last generation, and no build runs.
 fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut Session) {
     // Weights an activation has overtaken are not published; the loop restarts from it next.
     let superseded = context.publisher.activations() != session.activations_seen;
-    {
+    let recorded = match context.store.generations() {
+        Ok(records) => records.last().map_or(0, |g| g.version),
+        Err(e) => {
+            tracing::warn!("trainer cannot read the generations: {e}");
+            return;
+        }
+    };
+    let live = context.publisher.registry().live().map_or(0, |g| g.version);
+    // Decide and reserve the version under one lock, so an upload's expected generation is
+    // either taken before (and the upload expects the next) or left for it.
+    let version = {
         let mut control = handle.lock();
-        let due = control.publish_requested || control.periodic_publish_due;
+        let periodic = control.periodic_publish_due
+            && !session.classes.focusing()
+            && control.uploads_in_flight == 0
+            && !control.classes_changed;
         // Stopping: no build may start while the process tears libtorch down.
-        if !due
+        if !(control.publish_requested || periodic)
             || control.stopped
-            || session.steps == 0
+            || session.steps == session.published_at_step
             || context.publisher.is_busy()
             || superseded
         {
@@ -587,10 +615,14 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
         }
         control.publish_requested = false;
         control.periodic_publish_due = false;
-    }
-    match publish(context, handle, session) {
-        Ok((version, drift)) => {
+        let version = recorded.max(live).max(control.reserved_version) + 1;
+        control.reserved_version = version;
+        version
+    };
+    match publish(context, session, version) {
+        Ok(drift) => {
             session.published.push(version);
+            session.published_at_step = session.steps;
             if let Some(drift) = drift {
                 context.metrics.drift.set(drift);
             }
@@ -608,11 +640,13 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
     }
 }
 
+/// Checks, writes, records and starts building generation `version` from the session's
+/// weights; returns the probe set's drift.
 fn publish(
     context: &OnlineContext,
-    handle: &TrainerHandle,
     session: &mut Session,
-) -> anyhow::Result<(u64, Option<f64>)> {
+    version: u64,
+) -> anyhow::Result<Option<f64>> {
     let store = &context.store;
     // A model with NaN in its weights (or, for the built-in network, its statistics) would
     // make every write and query fail once live; it is never published. The probe set's
@@ -638,8 +672,6 @@ fn publish(
         }
         None => None,
     };
-    let live = context.publisher.registry().live().map_or(0, |g| g.version);
-    let version = handle.reserve_version(store, live)?;
     let dir = context
         .data_dir
         .join("generations")
@@ -678,7 +710,7 @@ fn publish(
         ?drift,
         "published a generation"
     );
-    Ok((version, drift))
+    Ok(drift)
 }
 
 /// Training metrics written beside a checkpoint's weights.

@@ -89,11 +89,13 @@ pub async fn create_class(
     let metrics = state.metrics.clone();
     let response_label = label.clone();
     let first_generation = blocking(move || {
-        let expected = trainer
+        // Held until the class is stored: the trainer keeps the expected generation for it.
+        let upload = trainer
             .as_ref()
             .map(|t| t.expect_class(&store))
             .transpose()
             .map_err(ApiError::internal)?;
+        let expected = upload.as_ref().map(|u| u.expected_generation);
         let class = ClassRegistration {
             label: label.clone(),
             expected_generation: expected,
@@ -136,9 +138,8 @@ pub async fn create_class(
                     .map_err(ApiError::internal)?;
             }
         }
-        if let Some(trainer) = &trainer {
-            trainer.classes_changed();
-        }
+        // The trainer re-reads the store now that the class is in it.
+        drop(upload);
         Ok(expected)
     })
     .await?;
