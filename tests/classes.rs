@@ -357,6 +357,26 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
             .collect();
         assert!(probabilities[0] >= probabilities[1] && probabilities[0] <= 1.0);
     }
+
+    // Deleting a class's items drops their exemplars from the replay memory at the trainer's
+    // next read of the store: its bytes leave the memory's total.
+    let (_, all) = server.get("/v1/classes");
+    let used = all["replay"]["used_bytes"].as_u64().unwrap();
+    let label_3 = classes_by_label(&server)["3"]["replay_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(label_3 > 0);
+    for (i, image) in fashion_images(300).iter().enumerate() {
+        if image.label == "3" {
+            assert_eq!(server.delete(&format!("/v1/items/f{i}")).0, 200);
+        }
+    }
+    wait_for(
+        "the deleted items' exemplars to leave the replay memory",
+        Duration::from_secs(300),
+        || server.get("/v1/classes").1["replay"]["used_bytes"] == used - label_3,
+    );
+    assert!(!classes_by_label(&server).contains_key("3"));
     server.kill();
 }
 

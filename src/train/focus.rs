@@ -114,6 +114,17 @@ impl ClassFocus {
         store: &Store,
         examples: &[LabelledExample],
     ) -> Result<(), TrainError> {
+        // A deleted (or relabelled) example leaves the replay memory too.
+        let stored: HashSet<(&str, &str)> = examples
+            .iter()
+            .map(|e| (e.id.as_str(), e.label.as_str()))
+            .collect();
+        let forgotten = self
+            .learner
+            .forget_missing_examples(|id, label| stored.contains(&(id, label)));
+        if forgotten > 0 {
+            tracing::info!(forgotten, "replay exemplars of deleted examples dropped");
+        }
         // Classes learnt but not yet marked by a publish stay out of the focus.
         let pending: Vec<String> = store
             .pending_classes()?

@@ -291,6 +291,14 @@ impl ClassLearner {
         self.replay.as_ref()
     }
 
+    /// Drops replay exemplars made from examples that no longer exist with their label (see
+    /// [`ReplayMemory::retain_existing`]); returns how many.
+    pub fn forget_missing_examples(&mut self, exists: impl Fn(&str, &str) -> bool) -> usize {
+        self.replay
+            .as_mut()
+            .map_or(0, |replay| replay.retain_existing(exists))
+    }
+
     /// Whether the replay memory stores old classes at low fidelity.
     pub fn replays_low_fidelity(&self) -> bool {
         self.replay

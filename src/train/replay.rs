@@ -606,6 +606,31 @@ impl ReplayMemory {
         })
     }
 
+    /// Drops every exemplar whose example no longer exists with its label (`exists(id,
+    /// label)` is false: the item was deleted or relabelled), and classes left without one;
+    /// returns how many were dropped. Only bytes are freed: the other exemplars keep their
+    /// order, and the room is filled when classes are topped up.
+    pub fn retain_existing(&mut self, exists: impl Fn(&str, &str) -> bool) -> usize {
+        let before = self.len();
+        for slot in &mut self.classes {
+            let keep: Vec<bool> = slot
+                .exemplars
+                .iter()
+                .map(|e| exists(&e.id, &e.label))
+                .collect();
+            if keep.iter().all(|&k| k) {
+                continue;
+            }
+            let mut kept = keep.iter();
+            slot.exemplars.retain(|_| kept.next() == Some(&true));
+            let mut kept = keep.iter();
+            slot.embeddings.retain(|_| kept.next() == Some(&true));
+            slot.bytes = slot.exemplars.iter().map(|e| e.bytes.len()).sum();
+        }
+        self.classes.retain(|slot| !slot.exemplars.is_empty());
+        before - self.len()
+    }
+
     #[cfg(test)]
     /// Removes a class and its exemplars; returns whether it existed. The capacity is kept,
     /// so the remaining classes' quotas grow (they are filled when topped up).
@@ -1699,5 +1724,54 @@ mod tests {
         let (a, c) = (count(&batch, "a"), count(&batch, "c"));
         assert_eq!(a + c, 7);
         assert!(a.abs_diff(c) == 1);
+    }
+
+    #[test]
+    fn exemplars_of_deleted_or_relabelled_examples_are_dropped() {
+        let spec = gray_spec(8);
+        let mut memory = ReplayMemory::new(config(1_000_000), spec.clone()).unwrap();
+        for (label, n) in [("a", 2), ("b", 9), ("c", 4)] {
+            memory
+                .add_class(label, &candidates(label, n, &spec, n as u64))
+                .unwrap();
+        }
+        let b_before: Vec<Exemplar> = memory.exemplars("b").to_vec();
+        let c_before: Vec<Exemplar> = memory.exemplars("c").to_vec();
+        assert!(b_before.len() > 3);
+        // Every "a" example deleted; "b-…" ids but the first two exemplars' deleted; "c-0"
+        // relabelled to "x".
+        let kept_b: Vec<&str> = b_before[..2].iter().map(|e| e.id.as_str()).collect();
+        let exists = |id: &str, label: &str| match label {
+            "a" => false,
+            "b" => kept_b.contains(&id),
+            _ => id != "c-0",
+        };
+        let dropped = memory.retain_existing(exists);
+        let c_after: Vec<Exemplar> = c_before.iter().filter(|e| e.id != "c-0").cloned().collect();
+        assert_eq!(
+            dropped,
+            2 + (b_before.len() - 2) + (c_before.len() - c_after.len())
+        );
+        assert!(memory.exemplars("a").is_empty());
+        assert_eq!(memory.exemplars("b"), &b_before[..2], "order kept");
+        assert_eq!(memory.exemplars("c"), &c_after[..]);
+        let labels: Vec<String> = memory.classes().into_iter().map(|s| s.label).collect();
+        assert_eq!(labels, ["b", "c"], "a class left without exemplars is gone");
+        // Bytes recomputed from what is left (brute force over the exemplars).
+        let payload: usize = [&b_before[..2], &c_after[..]]
+            .concat()
+            .iter()
+            .map(|e| e.bytes.len())
+            .sum();
+        assert_eq!(memory.bytes_used(), payload + memory.codec().shared_bytes());
+        for share in memory.classes() {
+            let bytes: usize = memory
+                .exemplars(&share.label)
+                .iter()
+                .map(|e| e.bytes.len())
+                .sum();
+            assert_eq!(share.bytes, bytes, "{}", share.label);
+        }
+        assert_eq!(memory.retain_existing(|_, _| true), 0);
     }
 }
