@@ -172,7 +172,8 @@ impl Registry {
         progress.total.store(ids.len() as u64, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
         let mut refreshes = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(BUILD_BATCH) {
+        let chunks = ids.len().div_ceil(BUILD_BATCH);
+        for (index, chunk) in ids.chunks(BUILD_BATCH).enumerate() {
             let batch_started = Instant::now();
             let rows = store.inputs_of(chunk)?;
             let embedded = embed_rows(generation, &rows)?;
@@ -186,7 +187,10 @@ impl Registry {
                 .done
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             context.metrics.reembedded_items.inc_by(chunk.len() as u64);
-            throttle(context.reembed_rate, chunk.len(), batch_started);
+            // No rest after the last chunk: no re-embedding follows that it would pace.
+            if index + 1 < chunks {
+                throttle(context.reembed_rate, chunk.len(), batch_started);
+            }
         }
         // Catch up with writes made meanwhile until few remain.
         loop {
