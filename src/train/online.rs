@@ -30,6 +30,9 @@ use crate::store::{GenerationRecord, Store};
 
 /// Steps between re-reads of the labelled examples from the store.
 const REFRESH_EVERY_STEPS: usize = 50;
+
+/// How often a paused trainer re-reads the store, for its status.
+const PAUSED_STORE_READ: Duration = Duration::from_secs(5);
 /// How long an idle or paused trainer waits before looking again.
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
@@ -313,6 +316,8 @@ struct Session {
     published: Vec<u64>,
     /// `steps` when the last generation was published: nothing new to publish until it grows.
     published_at_step: usize,
+    /// When the session last read the store's examples.
+    store_read: Option<Instant>,
     probe: Option<Probe>,
     steps: usize,
     last_loss: Option<f64>,
@@ -359,21 +364,20 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             continue;
         };
         if handle.lock().paused {
+            // Read the store now and then even so: a paused trainer reports what it has.
+            if current
+                .store_read
+                .is_none_or(|at| at.elapsed() >= PAUSED_STORE_READ)
+            {
+                refresh_and_report(&context, handle, current, &mut pool, &mut rng);
+            }
             maybe_publish(&context, handle, current);
             wait(handle);
             continue;
         }
         let changed = std::mem::take(&mut handle.lock().classes_changed);
         if changed || current.steps % REFRESH_EVERY_STEPS == 0 || pool.sampler.is_none() {
-            if let Err(e) = refresh(&context, current, &mut pool, &mut rng) {
-                tracing::warn!("trainer cannot read examples: {e}");
-            }
-            let mut control = handle.lock();
-            control.status.examples = pool.examples.len();
-            control.status.trainable_labels = pool.trainable_labels;
-            control.status.pending_classes = current.classes.pending_labels();
-            control.replay = current.classes.replay_status();
-            report_classes(&context.metrics, &control);
+            refresh_and_report(&context, handle, current, &mut pool, &mut rng);
         }
         let next = current.classes.next_batch(
             &mut pool,
@@ -465,6 +469,26 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
     }
 }
 
+/// Re-reads the store's examples and pending classes, and reports them in the status.
+fn refresh_and_report(
+    context: &OnlineContext,
+    handle: &TrainerHandle,
+    session: &mut Session,
+    pool: &mut ExamplePool,
+    rng: &mut StdRng,
+) {
+    if let Err(e) = refresh(context, session, pool, rng) {
+        tracing::warn!("trainer cannot read examples: {e}");
+    }
+    session.store_read = Some(Instant::now());
+    let mut control = handle.lock();
+    control.status.examples = pool.examples.len();
+    control.status.trainable_labels = pool.trainable_labels;
+    control.status.pending_classes = session.classes.pending_labels();
+    control.replay = session.classes.replay_status();
+    report_classes(&context.metrics, &control);
+}
+
 /// Sets the class gauges from the trainer's status.
 fn report_classes(metrics: &Metrics, control: &Control) {
     metrics
@@ -539,6 +563,7 @@ fn start_session(
         activations_seen,
         published: Vec::new(),
         published_at_step: 0,
+        store_read: None,
         probe: None,
         steps: 0,
         last_loss: None,
