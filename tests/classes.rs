@@ -217,11 +217,16 @@ fn class_mean_probabilities(
 
 /// Resumes the paused trainer and waits until `generation` is live.
 fn learn_until_live(server: &Server, generation: u64) {
-    let (_, trainer) = server.get("/v1/trainer");
-    assert_eq!(trainer["state"], "paused", "start_paused");
-    assert!(
-        trainer["examples"].as_u64() > Some(0),
-        "a trainer started paused still reports the examples it has: {trainer}"
+    assert_eq!(
+        server.get("/v1/trainer").1["state"],
+        "paused",
+        "start_paused"
+    );
+    // A paused trainer still reads the store for its status (every 5 s, and after uploads).
+    wait_for(
+        "the paused trainer to report its examples",
+        Duration::from_secs(30),
+        || server.get("/v1/trainer").1["examples"].as_u64() > Some(0),
     );
     let (status, body) = server.post("/v1/trainer/resume", &json!({}));
     assert_eq!(status, 200);

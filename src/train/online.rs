@@ -364,10 +364,13 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             continue;
         };
         if handle.lock().paused {
-            // Read the store now and then even so: a paused trainer reports what it has.
-            if current
-                .store_read
-                .is_none_or(|at| at.elapsed() >= PAUSED_STORE_READ)
+            // Read the store now and then even so (and after a class upload): a paused
+            // trainer reports what it has.
+            let uploaded = std::mem::take(&mut handle.lock().classes_changed);
+            if uploaded
+                || current
+                    .store_read
+                    .is_none_or(|at| at.elapsed() >= PAUSED_STORE_READ)
             {
                 refresh_and_report(&context, handle, current, &mut pool, &mut rng);
             }
