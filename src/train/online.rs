@@ -175,12 +175,21 @@ impl TrainerHandle {
     /// ended in time.
     pub fn stop(&self, timeout: Duration) -> bool {
         self.request_stop();
-        let mut control = self.lock();
+        let finished = self.wait_until(timeout, |control| control.finished);
+        if !finished {
+            tracing::warn!("the trainer did not stop within {timeout:?}");
+        }
+        finished
+    }
+
+    /// Waits until `done` holds for the control state or `timeout` has passed; returns
+    /// whether it holds.
+    fn wait_until(&self, timeout: Duration, done: impl Fn(&Control) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
-        while !control.finished {
+        let mut control = self.lock();
+        while !done(&control) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                tracing::warn!("the trainer did not stop within {timeout:?}");
                 return false;
             }
             control = match self.shared.1.wait_timeout(control, left) {
@@ -446,8 +455,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                     let mut control = handle.lock();
                     control.publish_requested |= learnt;
                     // A pause that came during the step holds a periodic publish back too.
-                    control.periodic_publish_due |=
-                        periodic && !current.classes.focusing() && !control.paused;
+                    control.periodic_publish_due |= periodic && !control.paused;
                 }
                 if learnt {
                     let mut control = handle.lock();
@@ -457,10 +465,9 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 }
                 maybe_publish(&context, handle, current);
                 let duty = context.config.duty_cycle.clamp(0.01, 1.0);
-                rest(
-                    handle,
-                    Duration::from_secs_f64(seconds * (1.0 - duty) / duty),
-                );
+                // Rest, waking early when the trainer is told to stop.
+                let rest = Duration::from_secs_f64(seconds * (1.0 - duty) / duty);
+                handle.wait_until(rest, |control| control.stopped);
             }
             Err(e) => {
                 tracing::warn!("trainer step failed: {e}");
@@ -508,22 +515,6 @@ fn set_state(handle: &TrainerHandle, state: TrainerState, message: Option<String
     let mut control = handle.lock();
     control.status.state = state;
     control.status.message = message;
-}
-
-/// Sleeps for `pause`, waking early when the trainer is told to stop.
-fn rest(handle: &TrainerHandle, pause: Duration) {
-    let deadline = Instant::now() + pause;
-    let mut control = handle.lock();
-    while !control.stopped {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        control = match handle.shared.1.wait_timeout(control, left) {
-            Ok((guard, _)) => guard,
-            Err(poisoned) => poisoned.into_inner().0,
-        };
-    }
 }
 
 fn wait(handle: &TrainerHandle) {
