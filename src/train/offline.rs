@@ -428,11 +428,7 @@ impl Trainer {
         let chunk = self.gradcache_chunk as i64;
         let train = self.norm.mode.uses_batch_statistics();
         if train {
-            copy_each(
-                self.running_statistics
-                    .iter()
-                    .map(|(live, saved)| (saved, live)),
-            )?;
+            self.save_running_statistics()?;
         }
         let (loss, emb, memory_rows) = if chunk == 0 || n <= chunk {
             let emb = self.net.forward(&inputs, train)?;
@@ -475,11 +471,7 @@ impl Trainer {
             // would write the non-finite gradients into the weights, and the memory would keep
             // the batch's embeddings.
             if train {
-                copy_each(
-                    self.running_statistics
-                        .iter()
-                        .map(|(live, saved)| (live, saved)),
-                )?;
+                self.restore_running_statistics()?;
                 if let Network::Builtin(net) = &self.net {
                     net.settle_cross_iteration_forward(false);
                 }
@@ -560,6 +552,24 @@ impl Trainer {
         self.check_gradcache(chunk, self.norm.mode)?;
         self.gradcache_chunk = chunk;
         Ok(())
+    }
+
+    /// Keeps a copy of the BatchNorm running statistics before a training-mode forward.
+    fn save_running_statistics(&self) -> Result<(), TrainError> {
+        copy_each(
+            self.running_statistics
+                .iter()
+                .map(|(live, saved)| (saved, live)),
+        )
+    }
+
+    /// Puts back the running statistics saved by [`Trainer::save_running_statistics`].
+    fn restore_running_statistics(&self) -> Result<(), TrainError> {
+        copy_each(
+            self.running_statistics
+                .iter()
+                .map(|(live, saved)| (live, saved)),
+        )
     }
 
     /// GradCache needs statistics that do not depend on the chunk, and its first pass runs

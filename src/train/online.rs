@@ -607,6 +607,22 @@ fn refresh(
 fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut Session) {
     // Weights an activation has overtaken are not published; the loop restarts from it next.
     let superseded = context.publisher.activations() != session.activations_seen;
+    let due = |control: &Control| {
+        let periodic = control.periodic_publish_due
+            && !session.classes.focusing()
+            && control.uploads_in_flight == 0
+            && !control.classes_changed;
+        // Stopping: no build may start while the process tears libtorch down.
+        (control.publish_requested || periodic)
+            && !control.stopped
+            && session.steps != session.published_at_step
+            && !context.publisher.is_busy()
+            && !superseded
+    };
+    // Most steps publish nothing: the store is read only when a publish looks due.
+    if !due(&handle.lock()) {
+        return;
+    }
     let recorded = match context.store.generations() {
         Ok(records) => records.last().map_or(0, |g| g.version),
         Err(e) => {
@@ -615,21 +631,11 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
         }
     };
     let live = context.publisher.registry().live().map_or(0, |g| g.version);
-    // Decide and reserve the version under one lock, so an upload's expected generation is
-    // either taken before (and the upload expects the next) or left for it.
+    // Decide again and reserve the version under one lock, so an upload's expected generation
+    // is either taken before (and the upload expects the next) or left for it.
     let version = {
         let mut control = handle.lock();
-        let periodic = control.periodic_publish_due
-            && !session.classes.focusing()
-            && control.uploads_in_flight == 0
-            && !control.classes_changed;
-        // Stopping: no build may start while the process tears libtorch down.
-        if !(control.publish_requested || periodic)
-            || control.stopped
-            || session.steps == session.published_at_step
-            || context.publisher.is_busy()
-            || superseded
-        {
+        if !due(&control) {
             return;
         }
         control.publish_requested = false;
