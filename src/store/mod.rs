@@ -358,8 +358,10 @@ impl Store {
         Ok(store)
     }
 
-    /// Rewrites generation directories recorded by earlier versions relative to the working
-    /// directory (`./data/generations/N`) into the current form, when that is where they are.
+    /// Rewrites relative generation directories into the current form (relative to the data
+    /// directory, without `..`). A row is read relative to the data directory when it exists
+    /// there, else as earlier versions wrote it: relative to the working directory
+    /// (`./data/generations/N`). Rows found in neither place are left as they are.
     fn migrate_generation_dirs(&self) -> Result<(), StoreError> {
         let conn = self.conn();
         let rows: Vec<(i64, String)> = conn
@@ -368,14 +370,19 @@ impl Store {
             .collect::<Result<_, _>>()?;
         for (version, recorded) in rows {
             let recorded = PathBuf::from(recorded);
-            if recorded.is_absolute() || self.data_dir.join(&recorded).exists() {
+            if recorded.is_absolute() {
                 continue;
             }
-            if let Ok(found) = std::fs::canonicalize(&recorded) {
-                conn.execute(
-                    "UPDATE generations SET model_dir = ?1 WHERE version = ?2",
-                    params![self.stored_model_dir(&found).to_string_lossy(), version],
-                )?;
+            let found = std::fs::canonicalize(self.data_dir.join(&recorded))
+                .or_else(|_| std::fs::canonicalize(&recorded));
+            if let Ok(found) = found {
+                let normalised = self.stored_model_dir(&found);
+                if normalised != recorded {
+                    conn.execute(
+                        "UPDATE generations SET model_dir = ?1 WHERE version = ?2",
+                        params![normalised.to_string_lossy(), version],
+                    )?;
+                }
             }
         }
         Ok(())
@@ -1015,7 +1022,14 @@ mod tests {
     #[test]
     fn generations_inside_the_data_dir_follow_it_when_it_moves() {
         let parent = tempfile::tempdir().unwrap();
-        let (before, after) = (parent.path().join("before"), parent.path().join("after"));
+        let before = parent.path().join("before");
+        // The legacy row below must not also resolve from the data directory, which it does
+        // when both sit at the same depth: nest the data directory one level deeper then.
+        let depth = |p: &Path| p.components().count();
+        let mut after = parent.path().join("after");
+        if depth(&after) == depth(&std::env::current_dir().unwrap()) {
+            after = parent.path().join("moved").join("after");
+        }
         let elsewhere = tempfile::tempdir().unwrap();
         {
             let store = Store::open(&before).unwrap();
@@ -1034,17 +1048,24 @@ mod tests {
                     .unwrap();
             }
         }
+        std::fs::create_dir_all(after.parent().unwrap()).unwrap();
         std::fs::rename(&before, &after).unwrap();
         // A row as earlier versions wrote it: relative to the working directory.
-        std::fs::create_dir_all(after.join("generations/3")).unwrap();
-        let cwd_relative = relative_to_cwd(&after.join("generations/3"));
+        // And one relative to the data directory but not in normal form.
+        let legacy_rows = [
+            (3, relative_to_cwd(&after.join("generations/3"))),
+            (4, PathBuf::from("../after/generations/./4")),
+        ];
         {
             let conn = Connection::open(after.join(DB_FILE_NAME)).unwrap();
-            conn.execute(
-                "INSERT INTO generations (version, model_dir, created_unix, details) VALUES (3, ?1, 0, '{}')",
-                params![cwd_relative.to_string_lossy()],
-            )
-            .unwrap();
+            for (version, recorded) in &legacy_rows {
+                std::fs::create_dir_all(after.join(format!("generations/{version}"))).unwrap();
+                conn.execute(
+                    "INSERT INTO generations (version, model_dir, created_unix, details) VALUES (?1, ?2, 0, '{}')",
+                    params![version, recorded.to_string_lossy()],
+                )
+                .unwrap();
+            }
         }
         let store = Store::open(&after).unwrap();
         let dirs: Vec<PathBuf> = store
@@ -1060,6 +1081,7 @@ mod tests {
                 canonical(elsewhere.path()),
                 canonical(&after).join("generations/2"),
                 canonical(&after).join("generations/3"),
+                canonical(&after).join("generations/4"),
             ]
         );
     }
