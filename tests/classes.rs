@@ -383,6 +383,13 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
         || server.get("/v1/classes").1["replay"]["used_bytes"] == used - label_3,
     );
     assert!(!classes_by_label(&server).contains_key("3"));
+
+    // More examples of the learnt class: it is not pending again, and the upload names the
+    // generation that included it.
+    let (status, body) = upload(&server, "new-glyph", &new_images[..2], false);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["first_generation"], first_generation);
+    assert_eq!(server.get("/v1/trainer").1["pending_classes"], json!([]));
     server.kill();
 }
 

@@ -4,7 +4,7 @@
 //! A class registered here and not yet included in a generation is *pending*: the online
 //! trainer focuses on it until it publishes a generation that has learnt it. Because the
 //! registration is in the database, that focus survives a restart.
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 use super::{read_seq, to_i64, to_u64, write_seq, InputKind, Store, StoreError};
 
@@ -127,6 +127,21 @@ impl Store {
         .collect()
     }
 
+    /// The first generation that includes the registered class `label`: the one that did, or
+    /// while it is pending the one expected to (`None`: not registered, or no trainer).
+    pub fn class_generation(&self, label: &str) -> Result<Option<u64>, StoreError> {
+        let conn = self.conn();
+        let generation: Option<Option<i64>> = conn
+            .query_row(
+                "SELECT COALESCE(first_generation, expected_generation) FROM classes
+                 WHERE label = ?1",
+                params![label],
+                |r| r.get(0),
+            )
+            .optional()?;
+        optional_u64("generation", generation.flatten())
+    }
+
     /// Labels of registered classes that no generation includes yet, ordered by label.
     pub fn pending_classes(&self) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
@@ -239,6 +254,11 @@ mod tests {
         assert_eq!(classes[0].label, "hat");
         assert_eq!(classes[0].first_generation, None);
         assert!(classes.iter().all(|c| c.label != "cat"));
+        // The generation an upload reports: the one that included it, else the expected one.
+        assert_eq!(store.class_generation("shoe").unwrap(), Some(4));
+        store.add_class(&class("hat", Some(7), 103), &[]).unwrap();
+        assert_eq!(store.class_generation("hat").unwrap(), Some(7));
+        assert_eq!(store.class_generation("cat").unwrap(), None);
         assert_eq!(
             store.item_count().unwrap(),
             0,

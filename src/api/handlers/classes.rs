@@ -43,8 +43,8 @@ pub struct NewClassResponse {
     /// The examples' ids (`LABEL#hex`; percent-encode the `#` in an item URL).
     ids: Vec<String>,
     indexed: bool,
-    /// The generation expected to be the first that includes the class (None without a
-    /// trainer).
+    /// The first generation that includes the class: expected, while it is being learnt, or
+    /// the one that did for a class learnt earlier (None without a trainer).
     first_generation: Option<u64>,
 }
 
@@ -140,7 +140,8 @@ pub async fn create_class(
         }
         // The trainer re-reads the store now that the class is in it.
         drop(upload);
-        Ok(expected)
+        // More examples of a class learnt earlier do not make it pending again.
+        store.class_generation(&label).map_err(ApiError::internal)
     })
     .await?;
     Ok(Json(NewClassResponse {
