@@ -47,6 +47,11 @@ pub struct Metrics {
     pub memory_fill: IntGauge,
     /// Seconds per trainer step.
     pub trainer_step_seconds: Histogram,
+    /// Trainer steps that failed (a non-finite loss, or an error) and changed nothing.
+    pub trainer_failed_steps: IntCounter,
+    /// Times the trainer dropped its weights after steps kept failing and restarted from the
+    /// live generation.
+    pub trainer_restarts: IntCounter,
     /// Generations published (built and swapped in).
     pub generations_published: IntCounter,
     /// Seconds the write lock was held for a generation's final catch-up and swap.
@@ -150,6 +155,14 @@ impl Metrics {
             HistogramOpts::new("trainer_step_seconds", "Seconds per online trainer step.")
                 .buckets(latency_buckets()),
         )?;
+        let trainer_failed_steps = IntCounter::new(
+            "trainer_failed_steps_total",
+            "Online trainer steps that failed (non-finite loss or an error) and changed nothing.",
+        )?;
+        let trainer_restarts = IntCounter::new(
+            "trainer_restarts_total",
+            "Times the online trainer restarted from the live generation after steps kept failing.",
+        )?;
         let generations_published = IntCounter::new(
             "generations_published_total",
             "Model generations built and swapped in.",
@@ -191,6 +204,8 @@ impl Metrics {
             Box::new(trainer_loss.clone()),
             Box::new(memory_fill.clone()),
             Box::new(trainer_step_seconds.clone()),
+            Box::new(trainer_failed_steps.clone()),
+            Box::new(trainer_restarts.clone()),
             Box::new(generations_published.clone()),
             Box::new(swap_seconds.clone()),
             Box::new(reembedded_items.clone()),
@@ -244,6 +259,8 @@ impl Metrics {
             trainer_loss,
             memory_fill,
             trainer_step_seconds,
+            trainer_failed_steps,
+            trainer_restarts,
             generations_published,
             swap_seconds,
             reembedded_items,
@@ -285,6 +302,8 @@ mod tests {
             "crossbatch_trainer_loss",
             "crossbatch_trainer_memory_fill",
             "crossbatch_trainer_step_seconds",
+            "crossbatch_trainer_failed_steps_total",
+            "crossbatch_trainer_restarts_total",
             "crossbatch_generations_published_total",
             "crossbatch_swap_seconds",
             "crossbatch_reembedded_items_total",

@@ -393,3 +393,54 @@ fn assert_index_matches_model(server: &Server, image: &TestImage, id: &str) {
         "index and model disagree: self-score {score}"
     );
 }
+
+/// A learning rate that makes the weights blow up after the first step: every later loss is
+/// not finite, so every later step fails and changes nothing. The trainer reports `failing`, counts
+/// the failures, and after ten in a row drops its weights and restarts from the live
+/// generation; nothing diverged is published and serving is untouched.
+#[test]
+fn a_diverging_trainer_reports_failing_and_restarts_from_the_live_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = FAST_TRAINER.to_vec();
+    config.retain(|(key, _)| *key != "CROSSBATCH__TRAINER__LR");
+    config.push(("CROSSBATCH__TRAINER__LR", "1e30"));
+    let server = Server::start(dir.path(), &config);
+    let base = model_version(&server);
+    let images = fashion_images(40);
+    upsert_images(&server, "d-", &images);
+    let counter = |name: &str| {
+        let (_, metrics) = server.get_text("/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    let mut seen_failing = false;
+    wait_for(
+        "a restart after failed steps",
+        Duration::from_secs(300),
+        || {
+            let (_, status) = server.get("/v1/trainer");
+            if status["state"] == "failing" {
+                seen_failing = true;
+                let message = status["message"].as_str().unwrap_or_default();
+                assert!(message.contains("failed"), "{status}");
+            }
+            counter("crossbatch_trainer_restarts_total") >= 1.0
+        },
+    );
+    assert!(seen_failing, "the trainer never reported failing");
+    assert!(counter("crossbatch_trainer_failed_steps_total") >= 10.0);
+    // The restart started again from the live generation, which is still the base one
+    // (no session reaches `publish_every` steps): nothing diverged was published.
+    let (_, status) = server.get("/v1/trainer");
+    assert_eq!(status["base_generation"], base, "{status}");
+    assert_eq!(model_version(&server), base);
+    let (code, body) = server.post(
+        "/v1/search",
+        &json!({ "query": { "image": images[0].png }, "k": 1 }),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["results"][0]["id"], "d-0", "{body}");
+    server.kill();
+}

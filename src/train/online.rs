@@ -31,6 +31,10 @@ use crate::store::{GenerationRecord, Store};
 /// Steps between re-reads of the labelled examples from the store.
 const REFRESH_EVERY_STEPS: usize = 50;
 
+/// Failed steps in a row after which the trainer drops its weights (they have most likely
+/// diverged) and restarts from the live generation.
+const RESTART_AFTER_FAILED_STEPS: usize = 10;
+
 /// How often a paused trainer re-reads the store, for its status.
 const PAUSED_STORE_READ: Duration = Duration::from_secs(5);
 /// How long an idle or paused trainer waits before looking again.
@@ -46,6 +50,9 @@ pub enum TrainerState {
     Idle,
     /// Taking steps.
     Training,
+    /// Its last step failed and changed nothing (see `message`); after
+    /// 10 in a row it restarts from the live generation.
+    Failing,
     /// Paused through the API.
     Paused,
     /// The live model cannot be fine-tuned (see `message`).
@@ -337,6 +344,9 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
     let mut session: Option<Session> = None;
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut recent = std::collections::VecDeque::new();
+    let mut failed_in_a_row = 0;
+    // Why the session was dropped, reported once the next one has started.
+    let mut restart_reason: Option<String> = None;
     while !handle.lock().stopped {
         // Read before the live generation: an activation counts only once it has swapped in.
         let activations = context.publisher.activations();
@@ -360,7 +370,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                     control.periodic_publish_due = false;
                     control.status.base_generation = Some(live.version);
                     control.status.step = 0;
-                    control.status.message = None;
+                    control.status.message = restart_reason.take();
                 }
                 Err(message) => {
                     set_state(handle, TrainerState::Unsupported, Some(message));
@@ -420,6 +430,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
         let started = Instant::now();
         match train_step(&context, current, &mut pool, &batch, &mut rng) {
             Ok((loss, learnt)) => {
+                failed_in_a_row = 0;
                 current.steps += 1;
                 current.last_loss = Some(loss);
                 let seconds = started.elapsed().as_secs_f64();
@@ -470,8 +481,22 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 handle.wait_until(rest, |control| control.stopped);
             }
             Err(e) => {
+                failed_in_a_row += 1;
+                context.metrics.trainer_failed_steps.inc();
                 tracing::warn!("trainer step failed: {e}");
-                handle.lock().status.message = Some(format!("the last step failed: {e}"));
+                let mut message = format!("the last step failed: {e}");
+                if failed_in_a_row >= RESTART_AFTER_FAILED_STEPS {
+                    message = format!(
+                        "{failed_in_a_row} steps failed in a row, so the trainer restarted \
+                         from the live generation; the last: {e}"
+                    );
+                    tracing::error!("{message}");
+                    context.metrics.trainer_restarts.inc();
+                    failed_in_a_row = 0;
+                    restart_reason = Some(message.clone());
+                    session = None;
+                }
+                set_state(handle, TrainerState::Failing, Some(message));
                 pool.sampler = None;
                 std::thread::sleep(IDLE_WAIT);
             }
