@@ -71,7 +71,7 @@ pub struct Metrics {
 }
 
 /// Routes pre-registered in the request counters so they appear before first use.
-pub const ROUTES: [&str; 16] = [
+pub const ROUTES: [&str; 17] = [
     "/healthz",
     "/readyz",
     "/metrics",
@@ -81,6 +81,7 @@ pub const ROUTES: [&str; 16] = [
     "/v1/items/{id}",
     "/v1/search",
     "/v1/classes",
+    "/v1/classes/{label}",
     "/v1/classify",
     "/v1/trainer",
     "/v1/trainer/pause",
@@ -231,14 +232,11 @@ impl Metrics {
             rejected.with_label_values(&[reason]);
         }
         for route in ROUTES {
-            let method = if route.starts_with("/v1/")
-                && !matches!(
-                    route,
-                    "/v1/info" | "/v1/items/{id}" | "/v1/trainer" | "/v1/models"
-                ) {
-                "POST"
-            } else {
-                "GET"
+            let method = match route {
+                "/v1/classes/{label}" => "DELETE",
+                "/v1/info" | "/v1/items/{id}" | "/v1/trainer" | "/v1/models" => "GET",
+                _ if route.starts_with("/v1/") => "POST",
+                _ => "GET",
             };
             http_requests.with_label_values(&[route, method, "200"]);
             http_duration.with_label_values(&[route, "200"]);

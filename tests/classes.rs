@@ -390,6 +390,30 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["first_generation"], first_generation);
     assert_eq!(server.get("/v1/trainer").1["pending_classes"], json!([]));
+
+    // Deleting the class removes its items and examples at once; the trainer drops it from
+    // the head and publishes a generation without it.
+    let live = server.get("/v1/info").1["model_version"].as_u64().unwrap();
+    let (status, body) = server.delete("/v1/classes/new-glyph");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["deleted_items"], &body["deleted_training_only"]),
+        (&json!(15), &json!(2)),
+        "{body}"
+    );
+    let encoded = new_ids[0].replace('#', "%23");
+    assert_eq!(server.get(&format!("/v1/items/{encoded}")).0, 404);
+    assert!(!classes_by_label(&server).contains_key("new-glyph"));
+    // (A build already running when the class was deleted may still include it.)
+    wait_for(
+        "a generation whose head no longer predicts the deleted class",
+        Duration::from_secs(300),
+        || {
+            let (status, body) = server.post("/v1/classify", &json!({ "inputs": inputs, "k": 3 }));
+            assert_eq!(status, 200, "{body}");
+            body["model_version"].as_u64() > Some(live) && !body.to_string().contains("new-glyph")
+        },
+    );
     server.kill();
 }
 
@@ -555,5 +579,36 @@ fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
     let (status, body) = server.post("/v1/classify", &json!({ "inputs": [{ "image": image }] }));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["predictions"][0][0]["label"], "bag", "{body}");
+
+    // Deleting classes: everything with the label goes, in one step.
+    for (path, status, code) in [
+        ("/v1/classes/%20", 422, "invalid_label"),
+        ("/v1/classes/absent", 404, "not_found"),
+    ] {
+        let (got, response) = server.delete(path);
+        assert_eq!(
+            (got, response["error"]["code"].as_str()),
+            (status, Some(code))
+        );
+    }
+    let (status, body) = server.delete("/v1/classes/shirt");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({ "label": "shirt", "deleted_items": 0, "deleted_training_only": 3,
+                "was_registered": true })
+    );
+    let (status, body) = server.delete("/v1/classes/bag");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted_items"], 2, "{body}");
+    assert_eq!(server.item_count(), 0);
+    assert_eq!(server.get("/v1/classes").1["classes"], json!([]));
+    assert_eq!(server.delete("/v1/classes/bag").0, 404, "deleted already");
+    // Its items left the index with it: nothing is known to classify by again.
+    let (status, body) = server.post("/v1/classify", &json!({ "inputs": [{ "image": image }] }));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("no_classes"))
+    );
     server.kill();
 }

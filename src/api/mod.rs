@@ -15,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 
 use crate::config::Config;
@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/classes",
             get(handlers::list_classes).post(handlers::create_class),
         )
+        .route("/v1/classes/{label}", delete(handlers::delete_class))
         .route("/v1/classify", post(handlers::classify))
         .route("/v1/trainer", get(handlers::trainer_status))
         .route("/v1/trainer/pause", post(handlers::trainer_pause))

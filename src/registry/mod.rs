@@ -8,7 +8,8 @@
 //! its last request finishes. A query is never answered by one generation's model against
 //! another generation's index.
 //!
-//! Writes go through [`Registry::write_items`] and [`Registry::delete_item`], which hold the
+//! Writes go through [`Registry::write_items`], [`Registry::delete_item`] and
+//! [`Registry::delete_class`], which hold the
 //! registry's write lock (on a blocking thread, never across `.await`) while they commit to
 //! the store and update the live index, and record the ids a generation under construction
 //! must (re-)embed before it may be swapped in.
@@ -29,7 +30,7 @@ use crate::embed::preprocess::values_from_raw;
 use crate::embed::{EmbedError, Embedder, ModelInfo};
 use crate::index::{indexable_norm, IndexError, VectorIndex};
 use crate::model::spec::InputSpec;
-use crate::store::{ClassRegistration, NewItem, Store, StoreError};
+use crate::store::{ClassDeletion, ClassRegistration, NewItem, Store, StoreError};
 
 /// A model version together with the index of gallery embeddings made by that model.
 pub struct Generation {
@@ -216,13 +217,32 @@ impl Registry {
     pub fn delete_item(&self, store: &Store, id: &str) -> Result<bool, WriteError> {
         let mut writes = self.lock_writes();
         let existed = store.delete_item(id)?;
+        self.remove_from_indexes(&mut writes, std::slice::from_ref(&id.to_owned()));
+        Ok(existed)
+    }
+
+    /// Deletes every item, training-only example and the registration of `label` from the
+    /// store in one transaction, and its items from every generation's index. Blocking.
+    pub fn delete_class(&self, store: &Store, label: &str) -> Result<ClassDeletion, WriteError> {
+        let mut writes = self.lock_writes();
+        let deletion = store.delete_class(label)?;
+        self.remove_from_indexes(&mut writes, &deletion.item_ids);
+        Ok(deletion)
+    }
+
+    /// Removes deleted items from the live index and the one being built (which re-reads them
+    /// from the store before its swap). Called with the write lock held.
+    fn remove_from_indexes(&self, writes: &mut WriteState, ids: &[String]) {
         if let Some(live) = self.live() {
-            live.index.remove(id);
+            for id in ids {
+                live.index.remove(id);
+            }
         }
         if let Some(building) = writes.building.as_mut() {
-            building.generation.index.remove(id);
-            building.touched.insert(id.to_owned());
+            for id in ids {
+                building.generation.index.remove(id);
+            }
+            building.touched.extend(ids.iter().cloned());
         }
-        Ok(existed)
     }
 }

@@ -47,6 +47,24 @@ pub struct ClassRecord {
     pub first_generation: Option<u64>,
 }
 
+/// What [`Store::delete_class`] removed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClassDeletion {
+    /// Ids of the searchable items that had the label.
+    pub item_ids: Vec<String>,
+    /// Training-only examples removed.
+    pub training_only: u64,
+    /// Whether the label was registered through `POST /v1/classes`.
+    pub registered: bool,
+}
+
+impl ClassDeletion {
+    /// Whether anything had the label.
+    pub fn is_empty(&self) -> bool {
+        self.item_ids.is_empty() && self.training_only == 0 && !self.registered
+    }
+}
+
 fn optional_u64(what: &str, v: Option<i64>) -> Result<Option<u64>, StoreError> {
     v.map(|v| to_u64("<class>", what, v)).transpose()
 }
@@ -85,6 +103,34 @@ impl Store {
         write_seq(&tx, seq)?;
         tx.commit()?;
         Ok(seq)
+    }
+
+    /// Deletes everything with `label` in one transaction: its items, its training-only
+    /// examples and its registration (one sequence number for all of it). Deleting a label
+    /// nothing has changes nothing.
+    pub fn delete_class(&self, label: &str) -> Result<ClassDeletion, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let item_ids = tx
+            .prepare("DELETE FROM items WHERE label = ?1 RETURNING id")?
+            .query_map(params![label], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let training_only = tx.execute(
+            "DELETE FROM class_examples WHERE label = ?1",
+            params![label],
+        )?;
+        let registered = tx.execute("DELETE FROM classes WHERE label = ?1", params![label])? > 0;
+        let deletion = ClassDeletion {
+            item_ids,
+            training_only: training_only as u64,
+            registered,
+        };
+        if !deletion.is_empty() {
+            let seq = read_seq(&tx)? + 1;
+            write_seq(&tx, seq)?;
+            tx.commit()?;
+        }
+        Ok(deletion)
     }
 
     /// Every label in the store (items, training-only examples, registered classes) with its
@@ -265,6 +311,68 @@ mod tests {
             "class examples are not items"
         );
         assert_eq!(store.last_seq().unwrap(), 3);
+    }
+
+    #[test]
+    fn deleting_a_class_removes_its_items_examples_and_registration_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .add_class(
+                    &class("shoe", Some(3), 100),
+                    &[example("s1"), example("s2")],
+                )
+                .unwrap();
+            store
+                .add_class(&class("hat", Some(3), 100), &[example("h1")])
+                .unwrap();
+            let item = |id: &str, label: &str| crate::store::NewItem {
+                id: id.into(),
+                label: Some(label.into()),
+                metadata: serde_json::json!({}),
+                input: vec![1],
+                input_kind: InputKind::Image,
+                embedding: vec![1.0, 0.0],
+                model_version: 1,
+            };
+            store
+                .upsert_items(&[item("i1", "shoe"), item("i2", "hat"), item("i3", "shoe")])
+                .unwrap();
+            let seq = store.last_seq().unwrap();
+            let mut deletion = store.delete_class("shoe").unwrap();
+            deletion.item_ids.sort();
+            assert_eq!(
+                deletion,
+                ClassDeletion {
+                    item_ids: vec!["i1".into(), "i3".into()],
+                    training_only: 2,
+                    registered: true,
+                }
+            );
+            assert_eq!(store.last_seq().unwrap(), seq + 1);
+            // Nothing has the label any more: deleting it again changes nothing.
+            assert!(store.delete_class("shoe").unwrap().is_empty());
+            assert!(store.delete_class("cat").unwrap().is_empty());
+            assert_eq!(store.last_seq().unwrap(), seq + 1);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let labels: Vec<String> = store
+            .classes()
+            .unwrap()
+            .into_iter()
+            .map(|c| c.label)
+            .collect();
+        assert_eq!(labels, vec!["hat"]);
+        assert_eq!(store.item_count().unwrap(), 1);
+        assert_eq!(store.pending_classes().unwrap(), vec!["hat"]);
+        let examples: Vec<String> = store
+            .labelled_examples()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(examples, vec!["h1", "i2"]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 mod classes;
 
-pub use classes::{ClassExample, ClassRecord, ClassRegistration};
+pub use classes::{ClassDeletion, ClassExample, ClassRecord, ClassRegistration};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "crossbatch.db";

@@ -218,6 +218,14 @@ impl ProxyAdam {
         Ok(())
     }
 
+    /// Keeps the state of the rows `rows` (i64 `[R]`, in that order) only.
+    fn select_rows(&mut self, rows: &Tensor) -> Result<(), TrainError> {
+        for t in [&mut self.m, &mut self.v, &mut self.steps] {
+            *t = t.f_index_select(0, rows)?;
+        }
+        Ok(())
+    }
+
     /// Clears the state of one row.
     fn reset_row(&mut self, row: i64) -> Result<(), TrainError> {
         for t in [&mut self.m, &mut self.v, &mut self.steps] {
@@ -378,6 +386,32 @@ impl ClassHead {
         self.labels.push(label.to_string());
         self.index.insert(label.to_string(), i);
         Ok(i)
+    }
+
+    /// Keeps only the classes whose label `keep` accepts (in their order), with their proxies
+    /// and optimizer state; returns the kept classes' former row indices. Call between steps.
+    pub fn retain_classes(&mut self, keep: impl Fn(&str) -> bool) -> Result<Vec<i64>, TrainError> {
+        let kept: Vec<i64> = (0..self.labels.len() as i64)
+            .filter(|&i| keep(&self.labels[i as usize]))
+            .collect();
+        if kept.len() == self.labels.len() {
+            return Ok(kept);
+        }
+        let rows = Tensor::f_from_slice(&kept)?.f_to_device(self.device)?;
+        let proxies = self.proxies.f_detach()?.f_index_select(0, &rows)?;
+        self.proxies = proxies.f_set_requires_grad(true)?;
+        self.adam.select_rows(&rows)?;
+        self.labels = kept
+            .iter()
+            .map(|&i| self.labels[i as usize].clone())
+            .collect();
+        self.index = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, label)| (label.clone(), i as i64))
+            .collect();
+        Ok(kept)
     }
 
     /// Replaces the proxy of `label` (normalised here) and clears its optimizer state.
@@ -767,6 +801,52 @@ mod tests {
                 < 1e-7
         );
         assert!(head.set_proxy("absent", &new).is_err());
+    }
+
+    #[test]
+    fn removed_classes_leave_the_others_and_their_optimizer_state_as_they_were() {
+        // Two twins take the same step; one then drops class-1. The next step, with the
+        // gradient of class-1's column left out, must move the kept classes exactly as the
+        // twin that kept class-1 (with no gradient on it: lazy Adam leaves it alone).
+        let step = |head: &mut ClassHead, embeddings: &Tensor, targets: &[i64], counts: &[f32]| {
+            let loss = head
+                .loss(
+                    embeddings,
+                    &Tensor::from_slice(targets),
+                    &Tensor::from_slice(counts),
+                )
+                .unwrap();
+            loss.backward();
+            head.step().unwrap();
+        };
+        let (mut kept_all, mut dropped) = (head_with(3, 4, 8), head_with(3, 4, 8));
+        let embeddings = Tensor::randn([6, 4], (Kind::Float, kept_all.device()));
+        for head in [&mut kept_all, &mut dropped] {
+            step(head, &embeddings, &[0, 1, 2, 0, 1, 2], &[1.0, 1.0, 1.0]);
+        }
+        let before = dropped.proxies().unwrap();
+        assert_eq!(dropped.retain_classes(|l| l != "class-1").unwrap(), [0, 2]);
+        assert_eq!(dropped.labels(), ["class-0", "class-2"]);
+        assert_eq!(
+            (dropped.index_of("class-2"), dropped.index_of("class-1")),
+            (Some(1), None)
+        );
+        let rows = Tensor::from_slice(&[0i64, 2]).to_device(dropped.device());
+        assert!(dropped
+            .proxies()
+            .unwrap()
+            .equal(&before.index_select(0, &rows)));
+        // Targets of class-0 and class-2 only; class-1's zero count gives it zero probability
+        // and zero gradient, so the kept classes see the softmax of the twin without it.
+        let targets = [0i64, 2, 2, 0];
+        let batch = embeddings.narrow(0, 0, 4);
+        step(&mut kept_all, &batch, &targets, &[1.0, 0.0, 1.0]);
+        step(&mut dropped, &batch, &[0, 1, 1, 0], &[1.0, 1.0]);
+        let want = kept_all.proxies().unwrap().index_select(0, &rows);
+        let got = dropped.proxies().unwrap();
+        assert!((got - want).abs().max().double_value(&[]) < 1e-6);
+        // Nothing to drop: nothing changes.
+        assert_eq!(dropped.retain_classes(|_| true).unwrap(), [0, 1]);
     }
 
     #[test]

@@ -47,8 +47,10 @@ pub struct ClassFocus {
     pending: BTreeMap<String, Pending>,
     /// Classes learnt since the last publish (marked in the store when it happens).
     learnt: Vec<String>,
-    /// Labels already given a proxy and offered to the replay memory in this session.
-    remembered: HashSet<String>,
+    /// Labels given a proxy and offered to the replay memory in this session, with how many
+    /// examples they had then. Examples arrive over time, so a label is offered again when it
+    /// has more, until it had `replay_candidates` at an offer.
+    remembered: HashMap<String, usize>,
     replay_counter: i64,
     /// Examples the store listed for each pending class when it was last read.
     listed: HashMap<String, usize>,
@@ -76,7 +78,7 @@ impl ClassFocus {
             focus_steps: config.focus_steps.max(1),
             pending: BTreeMap::new(),
             learnt: Vec::new(),
-            remembered: HashSet::new(),
+            remembered: HashMap::new(),
             replay_counter: 0,
             listed: HashMap::new(),
             focus_ids: HashMap::new(),
@@ -89,10 +91,11 @@ impl ClassFocus {
     pub fn restore(&mut self, checkpoint: &std::path::Path) -> Result<(), TrainError> {
         self.learner.restore(checkpoint)?;
         // Labels with a proxy and exemplars need not be offered to the memory again.
+        let candidates = self.learner.config().replay_candidates;
         if let Some(replay) = self.learner.replay() {
             for share in replay.classes() {
                 if self.learner.knows(&share.label) {
-                    self.remembered.insert(share.label);
+                    self.remembered.insert(share.label, candidates);
                 }
             }
         }
@@ -109,7 +112,7 @@ impl ClassFocus {
     /// pending into the replay memory.
     pub fn refresh(
         &mut self,
-        trainer: &Trainer,
+        trainer: &mut Trainer,
         pool: &mut ExamplePool,
         store: &Store,
         examples: &[LabelledExample],
@@ -124,6 +127,20 @@ impl ClassFocus {
             .forget_missing_examples(|id, label| stored.contains(&(id, label)));
         if forgotten > 0 {
             tracing::info!(forgotten, "replay exemplars of deleted examples dropped");
+        }
+        // A label nothing in the store has any more (a deleted class) leaves the head. The
+        // XBM memory labels its rows by head row, which this renumbers: it starts afresh.
+        let stored_labels: HashSet<&str> = examples.iter().map(|e| e.label.as_str()).collect();
+        let dropped = self
+            .learner
+            .forget_classes(|label| stored_labels.contains(label))?;
+        if !dropped.is_empty() {
+            tracing::info!(?dropped, "classes without stored examples left the head");
+            trainer.clear_memory();
+        }
+        for label in &dropped {
+            self.remembered.remove(label);
+            self.learnt.retain(|l| l != label);
         }
         // Classes learnt but not yet marked by a publish stay out of the focus.
         let pending: Vec<String> = store
@@ -164,25 +181,25 @@ impl ClassFocus {
                 },
             );
         }
-        // Every other label: a proxy in the head and exemplars in the replay memory.
-        let labels: Vec<String> = pool
-            .examples
-            .iter()
-            .map(|e| e.1.clone())
-            .filter(|l| !pending_set.contains(l.as_str()))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        // Every other label: a proxy in the head and exemplars in the replay memory, offered
+        // again while the label gains examples, up to `replay_candidates` of them.
+        let mut stored: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, label, _) in &pool.examples {
+            if !pending_set.contains(label.as_str()) {
+                *stored.entry(label.clone()).or_default() += 1;
+            }
+        }
         let candidates = self.learner.config().replay_candidates.max(1);
-        for label in labels {
-            if self.remembered.contains(&label) {
+        for (label, count) in stored {
+            let offered = self.remembered.get(&label).copied();
+            if offered.is_some_and(|offered| offered >= candidates.min(count)) {
                 continue;
             }
             let class = pool.class_examples(store, &label, candidates, &self.input)?;
             self.learner
                 .add_classes(trainer, std::slice::from_ref(&class))?;
             self.learner.remember(trainer, &class)?;
-            self.remembered.insert(label);
+            self.remembered.insert(label, count);
         }
         Ok(())
     }
@@ -284,7 +301,7 @@ impl ClassFocus {
                 let classes: Vec<ClassExamples> = done.into_values().map(|p| p.examples).collect();
                 for class in &classes {
                     self.learner.remember(trainer, class)?;
-                    self.remembered.insert(class.label.clone());
+                    self.remembered.insert(class.label.clone(), class.ids.len());
                 }
                 self.learner.adapt(trainer, &classes, rng)?;
                 self.learner.meta_train(trainer, rng)?;
@@ -363,8 +380,69 @@ mod tests {
     use crate::store::{ClassExample, InputKind};
     use crate::train::incremental::tests::{class, input, trainer};
 
+    /// Stores `n` more examples of class `c` as items labelled `label`, ids `label-N`.
+    fn store_items(store: &Store, label: &str, c: usize, n: usize, rng: &mut StdRng) {
+        let first = store
+            .labelled_examples()
+            .unwrap()
+            .iter()
+            .filter(|e| e.label == label)
+            .count();
+        let items: Vec<crate::store::NewItem> = class(c, n, rng)
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, values)| crate::store::NewItem {
+                id: format!("{label}-{}", first + i),
+                label: Some(label.into()),
+                metadata: serde_json::json!({}),
+                input: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                input_kind: InputKind::Tensor {
+                    shape: vec![1, 8, 8],
+                },
+                embedding: vec![1.0],
+                model_version: 1,
+            })
+            .collect();
+        store.upsert_items(&items).unwrap();
+    }
+
     #[test]
-    fn more_pending_classes_than_a_batch_holds_each_get_their_focus_steps() {
+    fn a_label_is_offered_to_the_replay_memory_again_as_its_examples_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut rng = StdRng::seed_from_u64(6);
+        store_items(&store, "a", 0, 2, &mut rng);
+        store_items(&store, "b", 1, 2, &mut rng);
+        let config = ClassLearningConfig {
+            duplets: false,
+            adapt_every: 0,
+            replay_candidates: 6,
+            ..ClassLearningConfig::default()
+        };
+        let mut trainer = trainer();
+        let mut focus = ClassFocus::new(&config, &trainer).unwrap();
+        let mut pool = ExamplePool::default();
+        let defaults = crate::config::Config::load(None, []).unwrap().trainer;
+        let mut refresh = |focus: &mut ClassFocus, trainer: &mut Trainer| {
+            let examples = store.labelled_examples().unwrap();
+            pool.refresh(&examples, &defaults, 0);
+            focus
+                .refresh(trainer, &mut pool, &store, &examples)
+                .unwrap();
+            let replay = focus.replay_status();
+            ["a", "b"].map(|label| replay.classes[label].exemplars)
+        };
+        assert_eq!(refresh(&mut focus, &mut trainer), [2, 2]);
+        // More examples of "a": offered again, up to the 6 candidates; "b" is left alone.
+        store_items(&store, "a", 0, 3, &mut rng);
+        assert_eq!(refresh(&mut focus, &mut trainer), [5, 2]);
+        store_items(&store, "a", 0, 4, &mut rng);
+        assert_eq!(refresh(&mut focus, &mut trainer), [6, 2]);
+    }
+
+    #[test]
+    fn pending_classes_each_get_their_focus_steps_and_a_deleted_class_leaves_the_head() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut rng = StdRng::seed_from_u64(5);
@@ -399,11 +477,15 @@ mod tests {
             ..ClassLearningConfig::default()
         };
         let mut trainer = trainer();
+        trainer.set_memory(crate::train::offline::MemorySettings {
+            size: 64,
+            ..crate::train::offline::MemorySettings::off()
+        });
         let mut focus = ClassFocus::new(&config, &trainer).unwrap();
         let mut pool = ExamplePool::default();
         let examples = store.labelled_examples().unwrap();
         focus
-            .refresh(&trainer, &mut pool, &store, &examples)
+            .refresh(&mut trainer, &mut pool, &store, &examples)
             .unwrap();
         assert_eq!(focus.pending_labels(), labels);
 
@@ -446,5 +528,34 @@ mod tests {
                 assert!(ids_of[label].is_disjoint(&ids_of[*other]));
             }
         }
+
+        // A deleted class leaves the head at the next read of the store, and the XBM memory,
+        // whose rows are labelled by head row, is emptied; training goes on with the others.
+        assert!(trainer.memory_fill() > 0);
+        let proxies = focus.learner.head().proxies().unwrap();
+        store.delete_class("c1").unwrap();
+        let examples = store.labelled_examples().unwrap();
+        focus
+            .refresh(&mut trainer, &mut pool, &store, &examples)
+            .unwrap();
+        assert_eq!(focus.learner.head().labels(), ["c0", "c2"]);
+        let rows = tch::Tensor::from_slice(&[0i64, 2]).to_device(proxies.device());
+        assert!(focus
+            .learner
+            .head()
+            .proxies()
+            .unwrap()
+            .equal(&proxies.index_select(0, &rows)));
+        assert_eq!(trainer.memory_fill(), 0);
+        let mut batch = crate::train::incremental::FlatBatch::default();
+        for (c, label) in [(0, "c0"), (2, "c2")] {
+            for (i, values) in class(c, 2, &mut rng).values.iter().enumerate() {
+                batch.push(values, label, (c * 10 + i) as i64);
+            }
+        }
+        focus
+            .step(&mut trainer, &batch, &augment, 1e-3, &mut rng)
+            .unwrap();
+        assert!(trainer.memory_fill() > 0);
     }
 }

@@ -299,6 +299,27 @@ impl ClassLearner {
             .map_or(0, |replay| replay.retain_existing(exists))
     }
 
+    /// Drops the head's classes whose label `keep` refuses (their proxies and sampling
+    /// counts); returns the labels dropped.
+    pub fn forget_classes(
+        &mut self,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, TrainError> {
+        let dropped: Vec<String> = self
+            .head
+            .labels()
+            .iter()
+            .filter(|label| !keep(label))
+            .cloned()
+            .collect();
+        if dropped.is_empty() {
+            return Ok(dropped);
+        }
+        let kept = self.head.retain_classes(keep)?;
+        self.counts = kept.iter().map(|&i| self.counts[i as usize]).collect();
+        Ok(dropped)
+    }
+
     /// Whether the replay memory stores old classes at low fidelity.
     pub fn replays_low_fidelity(&self) -> bool {
         self.replay

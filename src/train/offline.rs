@@ -306,6 +306,12 @@ impl Trainer {
         self.memory_settings = settings;
     }
 
+    /// Empties the cross-batch memory (for when its labels no longer mean what they did); it
+    /// refills from the next step on.
+    pub fn clear_memory(&mut self) {
+        self.set_memory(self.memory_settings);
+    }
+
     /// Rows currently filled in the cross-batch memory (0 without one).
     pub fn memory_fill(&self) -> usize {
         self.memory.as_ref().map_or(0, CrossBatchMemory::len)

@@ -229,6 +229,16 @@ impl TrainerHandle {
         })
     }
 
+    /// A class was deleted from the store: the trainer re-reads it (dropping the class's
+    /// examples, replay exemplars and head proxy) and publishes a generation without it after
+    /// its next step.
+    pub fn class_deleted(&self) {
+        let mut control = self.lock();
+        control.classes_changed = true;
+        control.publish_requested = true;
+        self.shared.1.notify_all();
+    }
+
     /// The replay memory's occupancy.
     pub fn replay_status(&self) -> ReplayStatus {
         self.lock().replay.clone()
@@ -624,7 +634,7 @@ fn refresh(
     pool.refresh(&examples, &context.config, rng_seed(rng));
     session
         .classes
-        .refresh(&session.trainer, pool, &context.store, &examples)
+        .refresh(&mut session.trainer, pool, &context.store, &examples)
 }
 
 /// Publishes a generation if one is due (asked for, or a periodic one no class upload is
@@ -635,10 +645,12 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
     let due = |control: &Control| {
         let periodic = control.periodic_publish_due
             && !session.classes.focusing()
-            && control.uploads_in_flight == 0
-            && !control.classes_changed;
+            && control.uploads_in_flight == 0;
+        // Classes uploaded or deleted since the last read of the store wait for the next
+        // read: a class deleted during this step must not be published with the head.
         // Stopping: no build may start while the process tears libtorch down.
         (control.publish_requested || periodic)
+            && !control.classes_changed
             && !control.stopped
             && session.steps != session.published_at_step
             && !context.publisher.is_busy()

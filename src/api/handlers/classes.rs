@@ -1,8 +1,9 @@
-//! `POST /v1/classes` (upload a class with examples), `GET /v1/classes` (list classes) and
-//! `POST /v1/classify` (label probabilities for inputs).
+//! `POST /v1/classes` (upload a class with examples), `GET /v1/classes` (list classes),
+//! `DELETE /v1/classes/{label}` (delete a class) and `POST /v1/classify` (label probabilities
+//! for inputs).
 use std::collections::HashSet;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -150,6 +151,54 @@ pub async fn create_class(
         ids: response_ids,
         indexed: index,
         first_generation,
+    }))
+}
+
+/// Response of `DELETE /v1/classes/{label}`.
+#[derive(Serialize)]
+pub struct DeleteClassResponse {
+    label: String,
+    /// Searchable items deleted.
+    deleted_items: usize,
+    /// Training-only examples deleted.
+    deleted_training_only: u64,
+    /// Whether the label had been uploaded as a class (its registration is gone too).
+    was_registered: bool,
+}
+
+/// Deletes everything stored with a label — items, training-only examples, the class
+/// registration — in one transaction, and its items from the index; 404 if nothing has it.
+/// The trainer forgets the class at its next read of the store and publishes a generation
+/// without it.
+pub async fn delete_class(
+    State(state): State<AppState>,
+    Path(label): Path<String>,
+) -> Result<Json<DeleteClassResponse>, ApiError> {
+    check_label(&label, "label")?;
+    let generation = live_generation(&state)?;
+    let store = state.store.clone();
+    let registry = state.registry.clone();
+    let metrics = state.metrics.clone();
+    let key = label.clone();
+    let deletion = blocking(move || {
+        let deletion = registry.delete_class(&store, &key)?;
+        metrics.index_items.set(generation.index.len() as i64);
+        Ok(deletion)
+    })
+    .await?;
+    if deletion.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "nothing has the label {label:?}"
+        )));
+    }
+    if let Some(trainer) = &state.trainer {
+        trainer.class_deleted();
+    }
+    Ok(Json(DeleteClassResponse {
+        label,
+        deleted_items: deletion.item_ids.len(),
+        deleted_training_only: deletion.training_only,
+        was_registered: deletion.registered,
     }))
 }
 

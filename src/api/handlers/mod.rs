@@ -7,7 +7,7 @@ mod models;
 mod search;
 mod system;
 
-pub use classes::{classify, create_class, list_classes};
+pub use classes::{classify, create_class, delete_class, list_classes};
 pub use embed::embed;
 pub use items::{delete_item, get_item, upsert_items};
 pub use models::{
