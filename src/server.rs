@@ -281,13 +281,16 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
         .set(1.0);
     tracing::info!(items = index.len(), version, "index rebuilt; ready");
     let head = Generation::load_head(&model_dir, &info.spec.input);
-    state.registry.publish_initial(Generation {
-        version,
-        info,
-        embedder,
-        index,
-        head,
-    });
+    state.registry.publish_initial(
+        &state.store,
+        Generation {
+            version,
+            info,
+            embedder,
+            index,
+            head,
+        },
+    );
     Ok(())
 }
 

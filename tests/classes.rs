@@ -372,11 +372,18 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
         .as_u64()
         .unwrap();
     assert!(label_3 > 0);
+    let all_labels = json!({ "inputs": inputs[..2], "k": 50 });
+    let (_, body) = server.post("/v1/classify", &all_labels);
+    assert!(body.to_string().contains(r#""label":"3""#), "{body}");
     for (i, image) in fashion_images(300).iter().enumerate() {
         if image.label == "3" {
             assert_eq!(server.delete(&format!("/v1/items/f{i}")).0, 200);
         }
     }
+    // A head class whose last example is gone is no longer named, at once.
+    let (status, body) = server.post("/v1/classify", &all_labels);
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.to_string().contains(r#""label":"3""#), "{body}");
     wait_for(
         "the deleted items' exemplars to leave the replay memory",
         Duration::from_secs(300),
@@ -404,7 +411,12 @@ fn an_uploaded_class_is_learnt_without_forgetting_the_old_ones() {
     let encoded = new_ids[0].replace('#', "%23");
     assert_eq!(server.get(&format!("/v1/items/{encoded}")).0, 404);
     assert!(!classes_by_label(&server).contains_key("new-glyph"));
-    // (A build already running when the class was deleted may still include it.)
+    // The live head no longer names it, at once ...
+    let (status, body) = server.post("/v1/classify", &all_labels);
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.to_string().contains("new-glyph"), "{body}");
+    // ... and the trainer publishes a head without it. (A build already running when the
+    // class was deleted may still include it.)
     wait_for(
         "a generation whose head no longer predicts the deleted class",
         Duration::from_secs(300),

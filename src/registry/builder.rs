@@ -211,6 +211,7 @@ impl Registry {
             refreshes.extend(embedded);
             let previous = self.live().map(|g| g.version);
             self.live.store(Some(generation.clone()));
+            self.reset_withdrawn(store, generation);
             self.set_building(&mut writes, None);
             previous
         };

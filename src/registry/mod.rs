@@ -13,6 +13,11 @@
 //! registry's write lock (on a blocking thread, never across `.await`) while they commit to
 //! the store and update the live index, and record the ids a generation under construction
 //! must (re-)embed before it may be swapped in.
+//!
+//! The registry also knows which labels of the live generation's class head no stored example
+//! has any more ([`Registry::withdrawn_labels`]): a class deleted since the head was trained.
+//! Classification leaves them out at once, as the trainer drops them from the head it trains;
+//! the set is kept exact by the write paths (under the write lock) and recomputed at each swap.
 
 pub mod builder;
 pub mod publisher;
@@ -20,7 +25,7 @@ pub mod publisher;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 pub use builder::{BuildContext, BuildError, BuildProgress, SwapReport};
 pub use publisher::{BuildOrigin, LastBuild, Publisher};
@@ -30,7 +35,7 @@ use crate::embed::preprocess::values_from_raw;
 use crate::embed::{EmbedError, Embedder, ModelInfo};
 use crate::index::{indexable_norm, IndexError, VectorIndex};
 use crate::model::spec::InputSpec;
-use crate::store::{ClassDeletion, ClassRegistration, NewItem, Store, StoreError};
+use crate::store::{ClassDeletion, ClassExample, ClassRegistration, NewItem, Store, StoreError};
 
 /// A model version together with the index of gallery embeddings made by that model.
 pub struct Generation {
@@ -124,6 +129,8 @@ pub struct Registry {
     /// status requests read it without waiting for a write.
     building: ArcSwapOption<Generation>,
     writes: Mutex<WriteState>,
+    /// Labels of the live head that no stored example has (changed with the write lock held).
+    withdrawn: ArcSwap<HashSet<String>>,
 }
 
 impl Registry {
@@ -150,10 +157,78 @@ impl Registry {
         writes.building = building;
     }
 
+    /// Labels the live generation's class head knows but no stored item or training-only
+    /// example has any more: classification leaves them out.
+    pub fn withdrawn_labels(&self) -> Arc<HashSet<String>> {
+        self.withdrawn.load_full()
+    }
+
     /// Makes `generation` live at start-up (no build in progress, nothing to re-embed).
-    pub fn publish_initial(&self, generation: Generation) {
+    pub fn publish_initial(&self, store: &Store, generation: Generation) {
         let _writes = self.lock_writes();
-        self.live.store(Some(Arc::new(generation)));
+        let generation = Arc::new(generation);
+        self.live.store(Some(generation.clone()));
+        self.reset_withdrawn(store, &generation);
+    }
+
+    /// Recomputes the withdrawn labels for `generation`'s head, which has just gone live.
+    /// Call with the write lock held. A store that cannot answer leaves the set empty (the
+    /// head then names every class it knows) and is logged.
+    fn reset_withdrawn(&self, store: &Store, generation: &Generation) {
+        let labels = generation
+            .head
+            .iter()
+            .flat_map(|h| h.snapshot.labels.iter().map(String::as_str));
+        let withdrawn = store.labels_without_examples(labels).unwrap_or_else(|e| {
+            tracing::warn!(
+                version = generation.version,
+                "cannot tell which head classes were deleted; the head serves all of them: {e}"
+            );
+            HashSet::new()
+        });
+        self.withdrawn.store(Arc::new(withdrawn));
+    }
+
+    /// Labels among `changed` (whose examples a committed write added, deleted or
+    /// re-labelled) that the live head knows: the store's answer says whether each is now
+    /// withdrawn. Call with the write lock held, after the commit; a failed lookup is logged
+    /// and leaves the set as it was (the write itself is durable).
+    fn recheck_labels(&self, store: &Store, changed: HashSet<String>) {
+        let Some(head) = self.live().and_then(|g| g.head.clone()) else {
+            return;
+        };
+        let known: Vec<&str> = head
+            .snapshot
+            .labels
+            .iter()
+            .map(String::as_str)
+            .filter(|label| changed.contains(*label))
+            .collect();
+        if known.is_empty() {
+            return;
+        }
+        match store.labels_without_examples(known.iter().copied()) {
+            Ok(without) => {
+                let current = self.withdrawn.load();
+                let mut next: HashSet<String> = current
+                    .iter()
+                    .filter(|label| !known.contains(&label.as_str()))
+                    .cloned()
+                    .collect();
+                next.extend(without);
+                if next != **current {
+                    self.withdrawn.store(Arc::new(next));
+                }
+            }
+            Err(e) => tracing::warn!("cannot tell whether a head class lost its examples: {e}"),
+        }
+    }
+
+    /// Whether the live head knows any label: only then do writes track withdrawn labels.
+    fn live_head_has_labels(&self) -> bool {
+        self.live()
+            .and_then(|g| g.head.clone())
+            .is_some_and(|h| !h.snapshot.labels.is_empty())
     }
 
     fn lock_writes(&self) -> MutexGuard<'_, WriteState> {
@@ -200,7 +275,19 @@ impl Registry {
                 problem,
             })?;
         }
+        // Labels the write takes examples from (re-labelled items) or gives examples to.
+        let tracks_labels = self.live_head_has_labels();
+        let mut changed = if tracks_labels {
+            let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+            store.item_labels(&ids)?
+        } else {
+            HashSet::new()
+        };
         store.upsert_items_registering(&items, class)?;
+        if tracks_labels {
+            changed.extend(items.iter().filter_map(|i| i.label.clone()));
+            self.recheck_labels(store, changed);
+        }
         let batch: Vec<_> = items
             .iter()
             .map(|i| (i.id.as_str(), i.label.as_deref(), i.embedding.as_slice()))
@@ -216,8 +303,14 @@ impl Registry {
     /// existed. Blocking.
     pub fn delete_item(&self, store: &Store, id: &str) -> Result<bool, WriteError> {
         let mut writes = self.lock_writes();
+        let labels = if self.live_head_has_labels() {
+            store.item_labels(&[id])?
+        } else {
+            HashSet::new()
+        };
         let existed = store.delete_item(id)?;
         self.remove_from_indexes(&mut writes, std::slice::from_ref(&id.to_owned()));
+        self.recheck_labels(store, labels);
         Ok(existed)
     }
 
@@ -227,7 +320,22 @@ impl Registry {
         let mut writes = self.lock_writes();
         let deletion = store.delete_class(label)?;
         self.remove_from_indexes(&mut writes, &deletion.item_ids);
+        self.recheck_labels(store, HashSet::from([label.to_owned()]));
         Ok(deletion)
+    }
+
+    /// Registers `class` and stores its training-only `examples` in one transaction
+    /// ([`Store::add_class`]); a withdrawn label is served again. Blocking.
+    pub fn add_training_examples(
+        &self,
+        store: &Store,
+        class: &ClassRegistration,
+        examples: &[ClassExample],
+    ) -> Result<(), WriteError> {
+        let _writes = self.lock_writes();
+        store.add_class(class, examples)?;
+        self.recheck_labels(store, HashSet::from([class.label.clone()]));
+        Ok(())
     }
 
     /// Removes deleted items from the live index and the one being built (which re-reads them
@@ -244,5 +352,144 @@ impl Registry {
             }
             building.touched.extend(ids.iter().cloned());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::embed::BatchingLimits;
+    use crate::index::IndexParams;
+    use crate::metrics::Metrics;
+    use crate::store::InputKind;
+
+    /// The default model's generation with a class head of `labels`, over an empty index.
+    fn generation(labels: &[&str]) -> Generation {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+        let limits = BatchingLimits {
+            max_batch: 4,
+            max_wait: Duration::from_millis(1),
+            queue_capacity: 16,
+        };
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (embedder, info) = Embedder::start(&dir, "cpu", limits, metrics).unwrap();
+        let dim = info.spec.embedding_dim;
+        let snapshot = HeadSnapshot {
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            scale: 16.0,
+            proxies: labels.iter().map(|_| vec![1.0; dim]).collect(),
+            low_fidelity_input: None,
+        };
+        let head = ServedHead::new(snapshot, &info.spec.input).unwrap();
+        let params = IndexParams {
+            m: 8,
+            ef_construction: 32,
+            ef_search: 16,
+            max_elements: 64,
+        };
+        Generation {
+            version: 1,
+            index: Arc::new(VectorIndex::new(dim, params)),
+            info,
+            embedder,
+            head: Some(Arc::new(head)),
+        }
+    }
+
+    fn item(id: &str, label: &str, dim: usize) -> NewItem {
+        NewItem {
+            id: id.into(),
+            label: Some(label.into()),
+            metadata: json!({}),
+            input: vec![0; 4],
+            input_kind: InputKind::Tensor { shape: vec![4] },
+            embedding: vec![1.0; dim],
+            model_version: 1,
+        }
+    }
+
+    fn example(id: &str) -> ClassExample {
+        ClassExample {
+            id: id.into(),
+            input: vec![0; 4],
+            input_kind: InputKind::Tensor { shape: vec![4] },
+        }
+    }
+
+    fn class(label: &str) -> ClassRegistration {
+        ClassRegistration {
+            label: label.into(),
+            expected_generation: None,
+            now_unix: 0,
+        }
+    }
+
+    /// The head's labels that `GET /v1/classes` counts no example for, computed apart from
+    /// the registry's bookkeeping.
+    fn head_labels_without_examples(store: &Store, head: &[&str]) -> HashSet<String> {
+        let with_examples: HashSet<String> = store
+            .classes()
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.indexed + c.training_only > 0)
+            .map(|c| c.label)
+            .collect();
+        head.iter()
+            .filter(|l| !with_examples.contains(**l))
+            .map(|l| l.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn withdrawn_labels_follow_every_write_that_gives_or_takes_a_class_its_examples() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let head = ["a", "b", "c", "d"];
+        let live = generation(&head);
+        let dim = live.info.spec.embedding_dim;
+        let registry = Registry::new();
+        store
+            .upsert_items(&[item("a1", "a", dim), item("b1", "b", dim)])
+            .unwrap();
+        store.add_class(&class("c"), &[example("c1")]).unwrap();
+        registry.publish_initial(&store, live);
+        let live = registry.live().unwrap();
+        let check = |step: &str, expected: &[&str]| {
+            let withdrawn = registry.withdrawn_labels();
+            let expected: HashSet<String> = expected.iter().map(|l| l.to_string()).collect();
+            assert_eq!(*withdrawn, expected, "after {step}");
+            assert_eq!(
+                *withdrawn,
+                head_labels_without_examples(&store, &head),
+                "after {step}"
+            );
+        };
+        check("start-up: d has no example", &["d"]);
+        registry.delete_class(&store, "a").unwrap();
+        check("deleting class a", &["a", "d"]);
+        registry
+            .write_items(&store, &live, vec![item("b1", "e", dim)], None)
+            .unwrap();
+        check("re-labelling b's only item", &["a", "b", "d"]);
+        registry
+            .add_training_examples(&store, &class("a"), &[example("a2")])
+            .unwrap();
+        check("a training-only example of a", &["b", "d"]);
+        registry
+            .write_items(&store, &live, vec![item("d1", "d", dim)], None)
+            .unwrap();
+        check("an item of d", &["b"]);
+        assert!(registry.delete_item(&store, "d1").unwrap());
+        check("deleting d's only item", &["b", "d"]);
+        registry.delete_class(&store, "c").unwrap();
+        check("deleting the training-only class c", &["b", "c", "d"]);
+        // Labels the head does not know are never withdrawn.
+        registry.delete_class(&store, "e").unwrap();
+        check("deleting e, unknown to the head", &["b", "c", "d"]);
     }
 }

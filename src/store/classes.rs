@@ -4,6 +4,8 @@
 //! A class registered here and not yet included in a generation is *pending*: the online
 //! trainer focuses on it until it publishes a generation that has learnt it. Because the
 //! registration is in the database, that focus survives a restart.
+use std::collections::HashSet;
+
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 use super::{read_seq, to_i64, to_u64, write_seq, InputKind, Store, StoreError};
@@ -186,6 +188,40 @@ impl Store {
             )
             .optional()?;
         optional_u64("generation", generation.flatten())
+    }
+
+    /// The labels among `labels` that no item and no training-only example has (a class
+    /// deleted, or whose last example was deleted or re-labelled). One indexed lookup each.
+    pub fn labels_without_examples<'a>(
+        &self,
+        labels: impl IntoIterator<Item = &'a str>,
+    ) -> Result<HashSet<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM items WHERE label = ?1)
+                 OR EXISTS (SELECT 1 FROM class_examples WHERE label = ?1)",
+        )?;
+        let mut without = HashSet::new();
+        for label in labels {
+            if !stmt.query_row(params![label], |r| r.get::<_, bool>(0))? {
+                without.insert(label.to_owned());
+            }
+        }
+        Ok(without)
+    }
+
+    /// The labels the stored items with these ids have (ids without an item or a label add
+    /// nothing).
+    pub fn item_labels(&self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT label FROM items WHERE id = ?1")?;
+        let mut labels = HashSet::new();
+        for id in ids {
+            let label: Option<Option<String>> =
+                stmt.query_row(params![id], |r| r.get(0)).optional()?;
+            labels.extend(label.flatten());
+        }
+        Ok(labels)
     }
 
     /// Labels of registered classes that no generation includes yet, ordered by label.

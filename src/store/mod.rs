@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS class_examples (
     input_kind TEXT NOT NULL,
     seq        INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS class_examples_label ON class_examples(label);
 CREATE TABLE IF NOT EXISTS generations (
     version      INTEGER PRIMARY KEY NOT NULL,
     model_dir    TEXT NOT NULL,

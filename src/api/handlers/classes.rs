@@ -134,9 +134,7 @@ pub async fn create_class(
                         input_kind: p.kind,
                     })
                     .collect();
-                store
-                    .add_class(&class, &examples)
-                    .map_err(ApiError::internal)?;
+                registry.add_training_examples(&store, &class, &examples)?;
             }
         }
         // The trainer re-reads the store now that the class is in it.
@@ -213,9 +211,17 @@ pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, 
         .map(|t| t.replay_status())
         .unwrap_or_default();
     let live_head = state.registry.live().and_then(|g| g.head.clone());
+    let withdrawn = state.registry.withdrawn_labels();
     let head_labels: HashSet<String> = live_head
         .as_ref()
-        .map(|h| h.snapshot.labels.iter().cloned().collect())
+        .map(|h| {
+            h.snapshot
+                .labels
+                .iter()
+                .filter(|l| !withdrawn.contains(*l))
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     let head_input = live_head.and_then(|h| h.snapshot.low_fidelity_input);
     let classes: Vec<Value> = records
@@ -273,6 +279,12 @@ pub async fn classify(
     let generation = live_generation(&state)?;
     let values = prepare_inputs(&generation, request.inputs).await?;
     let head = generation.head.clone();
+    // Head classes deleted since the head was trained are left out.
+    let withdrawn = state.registry.withdrawn_labels();
+    let head_serves = move |label: &str| !withdrawn.contains(label);
+    let served_classes = head.as_ref().map_or(0, |h| {
+        h.snapshot.labels.iter().filter(|l| head_serves(l)).count()
+    });
     // Labels the head lacks: the normalised mean of their items in this generation's index.
     let known: HashSet<String> = head
         .as_ref()
@@ -281,7 +293,7 @@ pub async fn classify(
     // The index keeps per-label running sums: O(labels × dim), no scan, but off the runtime.
     let index = generation.index.clone();
     let means = blocking(move || Ok(index.label_means(|label| !known.contains(label)))).await?;
-    if head.as_ref().is_none_or(|h| h.snapshot.labels.is_empty()) && means.is_empty() {
+    if served_classes == 0 && means.is_empty() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "no_classes",
@@ -345,6 +357,7 @@ pub async fn classify(
                 let head_scores = head
                     .into_iter()
                     .flat_map(|h| h.classes())
+                    .filter(|(label, _)| head_serves(label))
                     .map(|(label, proxy)| (label, cosine(head_query, proxy)));
                 let mean_scores = input_embeddings.get(i).into_iter().flat_map(|input| {
                     means
