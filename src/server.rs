@@ -283,13 +283,7 @@ fn load_first_generation(state: &AppState) -> anyhow::Result<()> {
     let head = Generation::load_head(&model_dir, &info.spec.input);
     state.registry.publish_initial(
         &state.store,
-        Generation {
-            version,
-            info,
-            embedder,
-            index,
-            head,
-        },
+        Generation::new(version, info, embedder, index, head),
     );
     Ok(())
 }

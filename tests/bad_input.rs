@@ -333,6 +333,19 @@ fn bad_inputs_get_4xx_with_a_code_and_change_nothing() {
         (status, &got),
         (200, &json!({ "active": live, "building": null }))
     );
+    // Path parameters that are not UTF-8 once percent-decoded get the JSON envelope too.
+    for (status, got) in [
+        server.get("/v1/items/%FF"),
+        server.delete("/v1/items/%FF"),
+        server.delete("/v1/classes/%C3%28"),
+        server.post("/v1/models/%FF/activate", &json!({})),
+    ] {
+        assert_eq!(
+            (status, got["error"]["code"].as_str()),
+            (400, Some("invalid_path")),
+            "{got}"
+        );
+    }
     // Unknown ids and routes.
     assert_eq!(server.get("/v1/items/absent").0, 404);
     assert_eq!(server.delete("/v1/items/absent").0, 404);

@@ -558,6 +558,14 @@ fn bad_class_uploads_and_classify_requests_are_refused_cleanly() {
     // Examples added to an existing label through the same call join it.
     let (status, body) = upload(&server, "shirt", std::slice::from_ref(&image), false);
     assert_eq!(status, 200, "{body}");
+    // Items and training-only examples share one id space.
+    let taken = json!({ "items": [{ "id": body["ids"][0], "label": "bag", "image": image }] });
+    let (status, response) = server.post("/v1/items", &taken);
+    assert_eq!(
+        (status, response["error"]["code"].as_str()),
+        (422, Some("duplicate_id")),
+        "{response}"
+    );
     let listed = classes_by_label(&server);
     assert_eq!(listed["shirt"]["training_only"], 3);
     assert_eq!(listed["shirt"]["indexed"], 0);

@@ -5,6 +5,7 @@ use axum::Json;
 
 use crate::embed::EmbedError;
 use crate::registry::WriteError;
+use crate::store::StoreError;
 
 /// Why a request was refused, attached to the response so the metrics layer can count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +126,17 @@ impl From<WriteError> for ApiError {
             degenerate @ WriteError::DegenerateEmbedding { .. } => {
                 ApiError::invalid("degenerate_embedding", degenerate.to_string())
             }
+            WriteError::Input { image, .. } => ApiError::invalid(
+                if image {
+                    "invalid_image"
+                } else {
+                    "invalid_tensor"
+                },
+                error.to_string(),
+            ),
+            WriteError::Store(taken @ StoreError::IdTaken { .. }) => {
+                ApiError::invalid("duplicate_id", taken.to_string())
+            }
             other => ApiError::internal(other),
         }
     }
@@ -140,6 +152,38 @@ impl From<tokio::task::JoinError> for ApiError {
 mod tests {
     use super::*;
     use crate::metrics::REJECT_REASONS;
+
+    #[test]
+    fn write_errors_caused_by_the_request_are_4xx_with_their_code() {
+        let cases = [
+            (
+                WriteError::Input {
+                    id: "t".into(),
+                    image: false,
+                    message: "shape".into(),
+                },
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_tensor",
+            ),
+            (
+                WriteError::Store(StoreError::IdTaken {
+                    id: "a#1".into(),
+                    owner: "an item",
+                }),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "duplicate_id",
+            ),
+            (
+                WriteError::Store(StoreError::JournalMode("delete".into())),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+        ];
+        for (error, status, code) in cases {
+            let api = ApiError::from(error);
+            assert_eq!((api.status, api.code), (status, code));
+        }
+    }
 
     #[test]
     fn every_rejection_reason_is_pre_registered() {

@@ -7,6 +7,7 @@ pub mod body;
 pub mod error;
 mod handlers;
 pub mod input;
+pub mod path;
 
 use std::sync::Arc;
 use std::time::Instant;

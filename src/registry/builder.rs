@@ -130,13 +130,7 @@ impl Registry {
             context.index.clone(),
         ));
         let head = Generation::load_head(model_dir, &info.spec.input);
-        let generation = Arc::new(Generation {
-            version,
-            info,
-            embedder,
-            index,
-            head,
-        });
+        let generation = Arc::new(Generation::new(version, info, embedder, index, head));
         {
             let mut writes = self.lock_writes();
             if let Some(busy) = &writes.building {
@@ -210,13 +204,21 @@ impl Registry {
             apply(generation, &ids, &rows, &embedded)?;
             refreshes.extend(embedded);
             let previous = self.live().map(|g| g.version);
+            super::set_withdrawn(store, generation);
             self.live.store(Some(generation.clone()));
-            self.reset_withdrawn(store, generation);
             self.set_building(&mut writes, None);
             previous
         };
         let swap_seconds = swap_started.elapsed().as_secs_f64();
-        store.set_meta(META_ACTIVE_VERSION, &generation.version.to_string())?;
+        // The swap has happened: a failure from here on is logged, not reported as a failed
+        // build (the activation counts, and the trainer must not publish over it).
+        if let Err(e) = store.set_meta(META_ACTIVE_VERSION, &generation.version.to_string()) {
+            tracing::error!(
+                version = generation.version,
+                "generation is live but not recorded as active (a restart serves the one \
+                 recorded before): {e}"
+            );
+        }
         // The generation is live and recorded; stored embeddings that stay stale are only a
         // cost (start-up re-embeds them), so a failed refresh does not fail the build.
         for chunk in refreshes.chunks(BUILD_BATCH * 4) {

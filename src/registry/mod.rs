@@ -14,10 +14,11 @@
 //! the store and update the live index, and record the ids a generation under construction
 //! must (re-)embed before it may be swapped in.
 //!
-//! The registry also knows which labels of the live generation's class head no stored example
-//! has any more ([`Registry::withdrawn_labels`]): a class deleted since the head was trained.
+//! Each generation also knows which labels of its class head no stored example has any more
+//! ([`Generation::withdrawn_labels`]): a class deleted since the head was trained.
 //! Classification leaves them out at once, as the trainer drops them from the head it trains;
-//! the set is kept exact by the write paths (under the write lock) and recomputed at each swap.
+//! the set is computed before a generation goes live and kept exact by the write paths (under
+//! the write lock) while it is live.
 
 pub mod builder;
 pub mod publisher;
@@ -35,7 +36,9 @@ use crate::embed::preprocess::values_from_raw;
 use crate::embed::{EmbedError, Embedder, ModelInfo};
 use crate::index::{indexable_norm, IndexError, VectorIndex};
 use crate::model::spec::InputSpec;
-use crate::store::{ClassDeletion, ClassExample, ClassRegistration, NewItem, Store, StoreError};
+use crate::store::{
+    ClassDeletion, ClassExample, ClassRegistration, InputKind, NewItem, Store, StoreError,
+};
 
 /// A model version together with the index of gallery embeddings made by that model.
 pub struct Generation {
@@ -49,9 +52,44 @@ pub struct Generation {
     pub index: Arc<VectorIndex>,
     /// The class head published with the model, if the trainer learnt classes.
     pub head: Option<Arc<ServedHead>>,
+    /// Labels of `head` that no stored example has any more (a class deleted since the head
+    /// was trained): classification leaves them out. Set when the generation goes live and
+    /// kept exact by the write paths while it is live.
+    withdrawn: ArcSwap<HashSet<String>>,
 }
 
 impl Generation {
+    /// A generation not yet live (no head label withdrawn).
+    pub fn new(
+        version: u64,
+        info: ModelInfo,
+        embedder: Embedder,
+        index: Arc<VectorIndex>,
+        head: Option<Arc<ServedHead>>,
+    ) -> Generation {
+        Generation {
+            version,
+            info,
+            embedder,
+            index,
+            head,
+            withdrawn: ArcSwap::default(),
+        }
+    }
+
+    /// Labels the class head knows but no stored item or training-only example has any more:
+    /// classification leaves them out.
+    pub fn withdrawn_labels(&self) -> Arc<HashSet<String>> {
+        self.withdrawn.load_full()
+    }
+
+    /// Whether the head knows any label: only then do writes track withdrawn labels.
+    fn head_has_labels(&self) -> bool {
+        self.head
+            .as_ref()
+            .is_some_and(|h| !h.snapshot.labels.is_empty())
+    }
+
     /// Reads the class head of the generation whose model (inputs of `input`) lives in
     /// `model_dir`; a head that cannot be read or served is logged and left out
     /// (classification then falls back to class means).
@@ -69,6 +107,26 @@ impl Generation {
                 None
             }
         }
+    }
+}
+
+/// Computes which labels of `generation`'s head no stored example has, before it goes live
+/// (with the write lock held, so no write changes the answer meanwhile). A store that cannot
+/// answer leaves the set empty (the head then names every class it knows) and is logged.
+fn set_withdrawn(store: &Store, generation: &Generation) {
+    if !generation.head_has_labels() {
+        return;
+    }
+    let labels = generation
+        .head
+        .iter()
+        .flat_map(|h| h.snapshot.labels.iter().map(String::as_str));
+    match store.labels_without_examples(labels) {
+        Ok(withdrawn) => generation.withdrawn.store(Arc::new(withdrawn)),
+        Err(e) => tracing::warn!(
+            version = generation.version,
+            "cannot tell which head classes were deleted; the head serves all of them: {e}"
+        ),
     }
 }
 
@@ -110,11 +168,14 @@ pub enum WriteError {
         /// What is wrong with the vector.
         problem: IndexError,
     },
-    /// A stored input could not be re-embedded.
-    #[error("item {id}: {message}")]
+    /// An input the request's generation took does not suit the generation swapped in
+    /// meanwhile (a tensor of another shape); nothing was written.
+    #[error("item {id}: the live model, swapped in meanwhile, cannot take it: {message}")]
     Input {
         /// Item id.
         id: String,
+        /// Whether the input is an image (else a tensor).
+        image: bool,
         /// What is wrong.
         message: String,
     },
@@ -129,8 +190,6 @@ pub struct Registry {
     /// status requests read it without waiting for a write.
     building: ArcSwapOption<Generation>,
     writes: Mutex<WriteState>,
-    /// Labels of the live head that no stored example has (changed with the write lock held).
-    withdrawn: ArcSwap<HashSet<String>>,
 }
 
 impl Registry {
@@ -157,36 +216,11 @@ impl Registry {
         writes.building = building;
     }
 
-    /// Labels the live generation's class head knows but no stored item or training-only
-    /// example has any more: classification leaves them out.
-    pub fn withdrawn_labels(&self) -> Arc<HashSet<String>> {
-        self.withdrawn.load_full()
-    }
-
     /// Makes `generation` live at start-up (no build in progress, nothing to re-embed).
     pub fn publish_initial(&self, store: &Store, generation: Generation) {
         let _writes = self.lock_writes();
-        let generation = Arc::new(generation);
-        self.live.store(Some(generation.clone()));
-        self.reset_withdrawn(store, &generation);
-    }
-
-    /// Recomputes the withdrawn labels for `generation`'s head, which has just gone live.
-    /// Call with the write lock held. A store that cannot answer leaves the set empty (the
-    /// head then names every class it knows) and is logged.
-    fn reset_withdrawn(&self, store: &Store, generation: &Generation) {
-        let labels = generation
-            .head
-            .iter()
-            .flat_map(|h| h.snapshot.labels.iter().map(String::as_str));
-        let withdrawn = store.labels_without_examples(labels).unwrap_or_else(|e| {
-            tracing::warn!(
-                version = generation.version,
-                "cannot tell which head classes were deleted; the head serves all of them: {e}"
-            );
-            HashSet::new()
-        });
-        self.withdrawn.store(Arc::new(withdrawn));
+        set_withdrawn(store, &generation);
+        self.live.store(Some(Arc::new(generation)));
     }
 
     /// Labels among `changed` (whose examples a committed write added, deleted or
@@ -194,14 +228,13 @@ impl Registry {
     /// withdrawn. Call with the write lock held, after the commit; a failed lookup is logged
     /// and leaves the set as it was (the write itself is durable).
     fn recheck_labels(&self, store: &Store, changed: HashSet<String>) {
-        let Some(head) = self.live().and_then(|g| g.head.clone()) else {
+        let Some(live) = self.live() else {
             return;
         };
-        let known: Vec<&str> = head
-            .snapshot
-            .labels
+        let known: Vec<&str> = live
+            .head
             .iter()
-            .map(String::as_str)
+            .flat_map(|h| h.snapshot.labels.iter().map(String::as_str))
             .filter(|label| changed.contains(*label))
             .collect();
         if known.is_empty() {
@@ -209,7 +242,7 @@ impl Registry {
         }
         match store.labels_without_examples(known.iter().copied()) {
             Ok(without) => {
-                let current = self.withdrawn.load();
+                let current = live.withdrawn.load();
                 let mut next: HashSet<String> = current
                     .iter()
                     .filter(|label| !known.contains(&label.as_str()))
@@ -217,7 +250,7 @@ impl Registry {
                     .collect();
                 next.extend(without);
                 if next != **current {
-                    self.withdrawn.store(Arc::new(next));
+                    live.withdrawn.store(Arc::new(next));
                 }
             }
             Err(e) => tracing::warn!("cannot tell whether a head class lost its examples: {e}"),
@@ -226,9 +259,7 @@ impl Registry {
 
     /// Whether the live head knows any label: only then do writes track withdrawn labels.
     fn live_head_has_labels(&self) -> bool {
-        self.live()
-            .and_then(|g| g.head.clone())
-            .is_some_and(|h| !h.snapshot.labels.is_empty())
+        self.live().is_some_and(|g| g.head_has_labels())
     }
 
     fn lock_writes(&self) -> MutexGuard<'_, WriteState> {
@@ -257,6 +288,7 @@ impl Registry {
                     values_from_raw(&item.input, &item.input_kind, spec).map_err(|e| {
                         WriteError::Input {
                             id: item.id.clone(),
+                            image: item.input_kind == InputKind::Image,
                             message: e.to_string(),
                         }
                     })
@@ -366,7 +398,6 @@ mod tests {
     use crate::embed::BatchingLimits;
     use crate::index::IndexParams;
     use crate::metrics::Metrics;
-    use crate::store::InputKind;
 
     /// The default model's generation with a class head of `labels`, over an empty index.
     fn generation(labels: &[&str]) -> Generation {
@@ -392,13 +423,8 @@ mod tests {
             ef_search: 16,
             max_elements: 64,
         };
-        Generation {
-            version: 1,
-            index: Arc::new(VectorIndex::new(dim, params)),
-            info,
-            embedder,
-            head: Some(Arc::new(head)),
-        }
+        let index = Arc::new(VectorIndex::new(dim, params));
+        Generation::new(1, info, embedder, index, Some(Arc::new(head)))
     }
 
     fn item(id: &str, label: &str, dim: usize) -> NewItem {
@@ -460,7 +486,7 @@ mod tests {
         registry.publish_initial(&store, live);
         let live = registry.live().unwrap();
         let check = |step: &str, expected: &[&str]| {
-            let withdrawn = registry.withdrawn_labels();
+            let withdrawn = registry.live().unwrap().withdrawn_labels();
             let expected: HashSet<String> = expected.iter().map(|l| l.to_string()).collect();
             assert_eq!(*withdrawn, expected, "after {step}");
             assert_eq!(

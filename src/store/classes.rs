@@ -91,6 +91,7 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for example in examples {
+                check_id_free(&tx, ExampleTable::Items, &example.id)?;
                 seq += 1;
                 stmt.execute(params![
                     example.id,
@@ -276,6 +277,43 @@ pub(super) fn register_class(
     Ok(())
 }
 
+/// The two tables of examples, which share one id space (a build re-reading an id must find
+/// one input).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum ExampleTable {
+    /// Searchable items.
+    Items,
+    /// Training-only class examples.
+    ClassExamples,
+}
+
+/// Refuses `id` when `table` holds it.
+pub(super) fn check_id_free(
+    tx: &rusqlite::Transaction<'_>,
+    table: ExampleTable,
+    id: &str,
+) -> Result<(), StoreError> {
+    let (query, owner) = match table {
+        ExampleTable::Items => ("SELECT 1 FROM items WHERE id = ?1", "an item"),
+        ExampleTable::ClassExamples => (
+            "SELECT 1 FROM class_examples WHERE id = ?1",
+            "a training-only class example",
+        ),
+    };
+    let taken = tx
+        .prepare_cached(query)?
+        .query_row(params![id], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if taken {
+        return Err(StoreError::IdTaken {
+            id: id.to_owned(),
+            owner,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,6 +447,52 @@ mod tests {
             .map(|e| e.id)
             .collect();
         assert_eq!(examples, vec!["h1", "i2"]);
+    }
+
+    #[test]
+    fn items_and_training_only_examples_share_one_id_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let item = |id: &str| crate::store::NewItem {
+            id: id.into(),
+            label: Some("bag".into()),
+            metadata: serde_json::json!({}),
+            input: vec![1],
+            input_kind: InputKind::Image,
+            embedding: vec![1.0, 0.0],
+            model_version: 1,
+        };
+        store.upsert_items(&[item("i1")]).unwrap();
+        store
+            .add_class(&class("shoe", None, 100), &[example("s1")])
+            .unwrap();
+        let seq = store.last_seq().unwrap();
+        // Refused whole: the free id in the same call is not written either.
+        let taken = store.upsert_items(&[item("i2"), item("s1")]);
+        assert!(
+            matches!(&taken, Err(StoreError::IdTaken { id, .. }) if id == "s1"),
+            "{taken:?}"
+        );
+        let taken = store.add_class(&class("hat", None, 100), &[example("h1"), example("i1")]);
+        assert!(
+            matches!(&taken, Err(StoreError::IdTaken { id, .. }) if id == "i1"),
+            "{taken:?}"
+        );
+        assert_eq!(store.last_seq().unwrap(), seq);
+        let ids: Vec<String> = store
+            .labelled_examples()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, vec!["i1", "s1"]);
+        assert_eq!(
+            store.classes().unwrap().len(),
+            2,
+            "the refused class was not registered"
+        );
+        // Replacing an item under its own id is still an upsert.
+        store.upsert_items(&[item("i1")]).unwrap();
     }
 
     #[test]

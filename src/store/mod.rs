@@ -96,6 +96,15 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The id is taken by the other kind of example (items and training-only class examples
+    /// share one id space); nothing of that call was written.
+    #[error("id {id:?} is already taken by {owner}")]
+    IdTaken {
+        /// The id.
+        id: String,
+        /// What holds it: "an item" or "a training-only class example".
+        owner: &'static str,
+    },
     /// A stored row could not be decoded.
     #[error("corrupt row {id:?}: {reason}")]
     Corrupt {
@@ -428,6 +437,7 @@ impl Store {
             )?;
             for item in items {
                 validate_item(item)?;
+                classes::check_id_free(&tx, classes::ExampleTable::ClassExamples, &item.id)?;
                 seq += 1;
                 stmt.execute(params![
                     item.id,

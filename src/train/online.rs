@@ -124,6 +124,9 @@ struct Control {
     /// Class uploads between [`TrainerHandle::expect_class`] and their store write: periodic
     /// publishes wait for them, so the generation an upload expects stays free for it.
     uploads_in_flight: usize,
+    /// Class deletions between [`TrainerHandle::delete_class`] and their store commit: no
+    /// publish starts meanwhile, so none carries a class deleted under it.
+    deletions_in_flight: usize,
     /// Highest generation version the trainer has taken (published or about to be).
     reserved_version: u64,
     replay: ReplayStatus,
@@ -229,14 +232,15 @@ impl TrainerHandle {
         })
     }
 
-    /// A class was deleted from the store: the trainer re-reads it (dropping the class's
-    /// examples, replay exemplars and head proxy) and publishes a generation without it after
-    /// its next step.
-    pub fn class_deleted(&self) {
-        let mut control = self.lock();
-        control.classes_changed = true;
-        control.publish_requested = true;
-        self.shared.1.notify_all();
+    /// Starts deleting a class from the store: no publish starts until the returned
+    /// [`ClassRemoval`] is dropped after the commit; the trainer then re-reads the store
+    /// (dropping the class's examples, replay exemplars and head proxy) and publishes a
+    /// generation without it after its next step.
+    pub fn delete_class(&self) -> ClassRemoval {
+        self.lock().deletions_in_flight += 1;
+        ClassRemoval {
+            trainer: self.clone(),
+        }
     }
 
     /// The replay memory's occupancy.
@@ -258,6 +262,22 @@ impl Drop for ClassUpload {
         let mut control = self.trainer.lock();
         control.uploads_in_flight = control.uploads_in_flight.saturating_sub(1);
         control.classes_changed = true;
+        self.trainer.shared.1.notify_all();
+    }
+}
+
+/// A class deletion in progress ([`TrainerHandle::delete_class`]). Dropping it, once the
+/// deletion is committed (or failed), tells the trainer to re-read the store and publish.
+pub struct ClassRemoval {
+    trainer: TrainerHandle,
+}
+
+impl Drop for ClassRemoval {
+    fn drop(&mut self) {
+        let mut control = self.trainer.lock();
+        control.deletions_in_flight = control.deletions_in_flight.saturating_sub(1);
+        control.classes_changed = true;
+        control.publish_requested = true;
         self.trainer.shared.1.notify_all();
     }
 }
@@ -290,6 +310,7 @@ pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
                 periodic_publish_due: false,
                 classes_changed: false,
                 uploads_in_flight: 0,
+                deletions_in_flight: 0,
                 reserved_version: 0,
                 replay: ReplayStatus::default(),
                 status: TrainerStatus {
@@ -651,6 +672,7 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
         // Stopping: no build may start while the process tears libtorch down.
         (control.publish_requested || periodic)
             && !control.classes_changed
+            && control.deletions_in_flight == 0
             && !control.stopped
             && session.steps != session.published_at_step
             && !context.publisher.is_busy()

@@ -3,7 +3,7 @@
 //! for inputs).
 use std::collections::HashSet;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -11,11 +11,12 @@ use serde_json::{json, Value};
 
 use super::{
     blocking, check_embeddings, check_input_count, check_label, checked_k, live_generation,
-    prepare_inputs,
+    prepare_inputs, report_index_items,
 };
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
 use crate::api::input::{prepare_all, InputPayload};
+use crate::api::path::PathParam;
 use crate::api::AppState;
 use crate::classify::{cosine, predict, Prediction};
 use crate::store::{ClassExample, ClassRegistration, NewItem};
@@ -120,9 +121,7 @@ pub async fn create_class(
                     })
                     .collect();
                 registry.write_items(&store, &generation, items, Some(&class))?;
-                if let Some(live) = registry.live() {
-                    metrics.index_items.set(live.index.len() as i64);
-                }
+                report_index_items(&registry, &metrics);
             }
             None => {
                 let examples: Vec<ClassExample> = prepared
@@ -170,17 +169,21 @@ pub struct DeleteClassResponse {
 /// without it.
 pub async fn delete_class(
     State(state): State<AppState>,
-    Path(label): Path<String>,
+    PathParam(label): PathParam,
 ) -> Result<Json<DeleteClassResponse>, ApiError> {
     check_label(&label, "label")?;
-    let generation = live_generation(&state)?;
+    // Refused before start-up has finished, like every write.
+    live_generation(&state)?;
     let store = state.store.clone();
     let registry = state.registry.clone();
     let metrics = state.metrics.clone();
+    let trainer = state.trainer.clone();
     let key = label.clone();
     let deletion = blocking(move || {
+        // Held until the deletion is committed: no publish starts with the class meanwhile.
+        let _removal = trainer.as_ref().map(|t| t.delete_class());
         let deletion = registry.delete_class(&store, &key)?;
-        metrics.index_items.set(generation.index.len() as i64);
+        report_index_items(&registry, &metrics);
         Ok(deletion)
     })
     .await?;
@@ -188,9 +191,6 @@ pub async fn delete_class(
         return Err(ApiError::not_found(format!(
             "nothing has the label {label:?}"
         )));
-    }
-    if let Some(trainer) = &state.trainer {
-        trainer.class_deleted();
     }
     Ok(Json(DeleteClassResponse {
         label,
@@ -210,8 +210,9 @@ pub async fn list_classes(State(state): State<AppState>) -> Result<Json<Value>, 
         .as_ref()
         .map(|t| t.replay_status())
         .unwrap_or_default();
-    let live_head = state.registry.live().and_then(|g| g.head.clone());
-    let withdrawn = state.registry.withdrawn_labels();
+    let live = state.registry.live();
+    let live_head = live.as_ref().and_then(|g| g.head.clone());
+    let withdrawn = live.map(|g| g.withdrawn_labels()).unwrap_or_default();
     let head_labels: HashSet<String> = live_head
         .as_ref()
         .map(|h| {
@@ -280,7 +281,7 @@ pub async fn classify(
     let values = prepare_inputs(&generation, request.inputs).await?;
     let head = generation.head.clone();
     // Head classes deleted since the head was trained are left out.
-    let withdrawn = state.registry.withdrawn_labels();
+    let withdrawn = generation.withdrawn_labels();
     let head_serves = move |label: &str| !withdrawn.contains(label);
     let served_classes = head.as_ref().map_or(0, |h| {
         h.snapshot.labels.iter().filter(|l| head_serves(l)).count()

@@ -1,15 +1,16 @@
 //! `POST /v1/items` (upsert), `GET /v1/items/{id}`, `DELETE /v1/items/{id}`.
 use std::collections::HashSet;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{blocking, check_input_count, check_label, live_generation};
+use super::{blocking, check_input_count, check_label, live_generation, report_index_items};
 use crate::api::body::JsonBody;
 use crate::api::error::ApiError;
 use crate::api::input::{prepare_all, InputPayload};
+use crate::api::path::PathParam;
 use crate::api::AppState;
 use crate::store::{InputKind, NewItem};
 
@@ -104,9 +105,7 @@ pub async fn upsert_items(
     let metrics = state.metrics.clone();
     let version = blocking(move || {
         let version = registry.write_items(&store, &generation, items, None)?;
-        if let Some(live) = registry.live() {
-            metrics.index_items.set(live.index.len() as i64);
-        }
+        report_index_items(&registry, &metrics);
         Ok(version)
     })
     .await?;
@@ -116,7 +115,7 @@ pub async fn upsert_items(
 /// Returns a stored item: label, metadata, embedding and the model version that made it.
 pub async fn get_item(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<Value>, ApiError> {
     let store = state.store.clone();
     let lookup = id.clone();
@@ -139,16 +138,17 @@ pub async fn get_item(
 /// Deletes an item from the store, then from the index; 404 if it does not exist.
 pub async fn delete_item(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<Value>, ApiError> {
-    let generation = live_generation(&state)?;
+    // Refused before start-up has finished, like every write.
+    live_generation(&state)?;
     let store = state.store.clone();
     let registry = state.registry.clone();
     let metrics = state.metrics.clone();
     let key = id.clone();
     let existed = blocking(move || {
         let existed = registry.delete_item(&store, &key)?;
-        metrics.index_items.set(generation.index.len() as i64);
+        report_index_items(&registry, &metrics);
         Ok(existed)
     })
     .await?;

@@ -21,7 +21,16 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::AppState;
 use crate::index::indexable_norm;
-use crate::registry::Generation;
+use crate::metrics::Metrics;
+use crate::registry::{Generation, Registry};
+
+/// Sets the `index_items` gauge from the live generation's index, after a write (the
+/// generation a request started on may have been swapped out meanwhile).
+fn report_index_items(registry: &Registry, metrics: &Metrics) {
+    if let Some(live) = registry.live() {
+        metrics.index_items.set(live.index.len() as i64);
+    }
+}
 
 /// Longest accepted label (of an item or a class), in bytes.
 pub const MAX_LABEL_BYTES: usize = 256;

@@ -1,11 +1,12 @@
 //! `/v1/trainer` (status, pause, resume, publish) and `/v1/models` (generations, activate).
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::{blocking, live_generation};
 use crate::api::error::ApiError;
+use crate::api::path::PathParam;
 use crate::api::AppState;
 use crate::registry::{BuildError, BuildOrigin, LastBuild};
 use crate::train::online::TrainerHandle;
@@ -96,7 +97,7 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<Value>, A
 /// `POST /v1/models/{version}/activate`: rebuild that generation's index and swap it in.
 pub async fn activate_model(
     State(state): State<AppState>,
-    Path(version): Path<String>,
+    PathParam(version): PathParam,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let version: u64 = version
         .parse()
