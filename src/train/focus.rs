@@ -90,12 +90,12 @@ impl ClassFocus {
     /// starts from.
     pub fn restore(&mut self, checkpoint: &std::path::Path) -> Result<(), TrainError> {
         self.learner.restore(checkpoint)?;
-        // Labels with a proxy and exemplars need not be offered to the memory again.
-        let candidates = self.learner.config().replay_candidates;
+        // Labels with a proxy and exemplars are offered to the memory again only once they
+        // have more examples than it has seen of them.
         if let Some(replay) = self.learner.replay() {
             for share in replay.classes() {
                 if self.learner.knows(&share.label) {
-                    self.remembered.insert(share.label, candidates);
+                    self.remembered.insert(share.label, share.seen);
                 }
             }
         }
@@ -109,24 +109,34 @@ impl ClassFocus {
 
     /// Reads the pending classes from the store and their inputs (`examples` is the store's
     /// list of labelled examples), gives every label a proxy, and puts labels that are not
-    /// pending into the replay memory.
+    /// pending into the replay memory. Returns whether the head lost classes (a deleted
+    /// class): a generation is then due even without a step. A label that cannot be read or
+    /// learnt is logged and tried again at the next refresh; the others go on.
     pub fn refresh(
         &mut self,
         trainer: &mut Trainer,
         pool: &mut ExamplePool,
         store: &Store,
         examples: &[LabelledExample],
-    ) -> Result<(), TrainError> {
-        // A deleted (or relabelled) example leaves the replay memory too.
+    ) -> Result<bool, TrainError> {
+        // A deleted (or relabelled) example leaves the replay memory too, and its label is
+        // offered to the memory again to replace it.
         let stored: HashSet<(&str, &str)> = examples
             .iter()
             .map(|e| (e.id.as_str(), e.label.as_str()))
             .collect();
+        let held_before = self.exemplars_held();
         let forgotten = self
             .learner
             .forget_missing_examples(|id, label| stored.contains(&(id, label)));
         if forgotten > 0 {
             tracing::info!(forgotten, "replay exemplars of deleted examples dropped");
+            let held_after = self.exemplars_held();
+            for (label, held) in held_before {
+                if held_after.get(&label).copied().unwrap_or(0) < held {
+                    self.remembered.remove(&label);
+                }
+            }
         }
         // A label nothing in the store has any more (a deleted class) leaves the head. The
         // XBM memory labels its rows by head row, which this renumbers: it starts afresh.
@@ -159,20 +169,31 @@ impl ClassFocus {
                 .filter(|e| &e.label == label)
                 .map(|e| e.id.clone())
                 .collect();
+            // A pending class whose examples were all deleted one by one is not learnt.
+            if ids.is_empty() {
+                self.pending.remove(label);
+                self.listed.remove(label);
+                continue;
+            }
             // Read again only when the store lists another number of examples (some may be
             // unusable by this model, so the count read is what is compared).
-            if ids.is_empty() || self.listed.get(label) == Some(&ids.len()) {
+            if self.listed.get(label) == Some(&ids.len()) {
                 continue;
             }
+            let class = match self.read_pending(trainer, store, label, &ids) {
+                Ok(class) => class,
+                Err(e) => {
+                    tracing::warn!(label, "pending class not read (tried again later): {e}");
+                    continue;
+                }
+            };
             self.listed.insert(label.clone(), ids.len());
-            let class = read_class(store, label, &ids, &self.input)?;
-            if class.values.is_empty() {
+            let Some(class) = class else {
                 tracing::warn!(label, "no example of this pending class can be learnt from");
+                self.pending.remove(label);
                 continue;
-            }
+            };
             let steps = self.pending.get(label).map_or(0, |p| p.steps);
-            self.learner
-                .add_classes(trainer, std::slice::from_ref(&class))?;
             self.pending.insert(
                 label.clone(),
                 Pending {
@@ -195,13 +216,53 @@ impl ClassFocus {
             if offered.is_some_and(|offered| offered >= candidates.min(count)) {
                 continue;
             }
-            let class = pool.class_examples(store, &label, candidates, &self.input)?;
-            self.learner
-                .add_classes(trainer, std::slice::from_ref(&class))?;
-            self.learner.remember(trainer, &class)?;
-            self.remembered.insert(label, count);
+            let learnt = pool
+                .class_examples(store, &label, candidates, &self.input)
+                .and_then(|class| {
+                    self.learner
+                        .add_classes(trainer, std::slice::from_ref(&class))?;
+                    self.learner.remember(trainer, &class)
+                });
+            match learnt {
+                Ok(_) => {
+                    self.remembered.insert(label, count);
+                }
+                Err(e) => tracing::warn!(label, "label not remembered (tried again later): {e}"),
+            }
         }
-        Ok(())
+        Ok(!dropped.is_empty())
+    }
+
+    /// A pending class's examples from the store, with a proxy in the head (`None`: no
+    /// example this model can take).
+    fn read_pending(
+        &mut self,
+        trainer: &Trainer,
+        store: &Store,
+        label: &str,
+        ids: &[String],
+    ) -> Result<Option<ClassExamples>, TrainError> {
+        let class = read_class(store, label, ids, &self.input)?;
+        if class.values.is_empty() {
+            return Ok(None);
+        }
+        self.learner
+            .add_classes(trainer, std::slice::from_ref(&class))?;
+        Ok(Some(class))
+    }
+
+    /// Exemplars the replay memory holds, by label.
+    fn exemplars_held(&self) -> HashMap<String, usize> {
+        self.learner
+            .replay()
+            .map(|replay| {
+                replay
+                    .classes()
+                    .into_iter()
+                    .map(|share| (share.label, share.exemplars))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Whether classes are pending.
@@ -297,14 +358,17 @@ impl ClassFocus {
                 }
             }
             if self.pending.values().all(|p| p.steps >= self.focus_steps) {
-                let done = std::mem::take(&mut self.pending);
-                let classes: Vec<ClassExamples> = done.into_values().map(|p| p.examples).collect();
+                // The classes stay pending until all of this succeeds: a failure is retried
+                // after the next step.
+                let classes: Vec<ClassExamples> =
+                    self.pending.values().map(|p| p.examples.clone()).collect();
                 for class in &classes {
                     self.learner.remember(trainer, class)?;
                     self.remembered.insert(class.label.clone(), class.ids.len());
                 }
                 self.learner.adapt(trainer, &classes, rng)?;
                 self.learner.meta_train(trainer, rng)?;
+                self.pending.clear();
                 self.learnt.extend(classes.into_iter().map(|c| c.label));
                 learnt_now = true;
             }
@@ -439,6 +503,73 @@ mod tests {
         assert_eq!(refresh(&mut focus, &mut trainer), [5, 2]);
         store_items(&store, "a", 0, 4, &mut rng);
         assert_eq!(refresh(&mut focus, &mut trainer), [6, 2]);
+
+        // An exemplar whose item is deleted is replaced from the label's other examples.
+        let exemplar = focus.learner.replay().unwrap().exemplars("a")[0].id.clone();
+        assert!(store.delete_item(&exemplar).unwrap());
+        assert_eq!(refresh(&mut focus, &mut trainer), [6, 2]);
+        let held: Vec<&str> = focus
+            .learner
+            .replay()
+            .unwrap()
+            .exemplars("a")
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect();
+        assert!(!held.contains(&exemplar.as_str()), "{held:?}");
+
+        // After a restart from a checkpoint, a label that gains examples is offered again.
+        let checkpoint = tempfile::tempdir().unwrap();
+        focus.save(checkpoint.path()).unwrap();
+        let mut focus = ClassFocus::new(&config, &trainer).unwrap();
+        focus.restore(checkpoint.path()).unwrap();
+        assert_eq!(refresh(&mut focus, &mut trainer), [6, 2], "nothing new");
+        store_items(&store, "b", 1, 2, &mut rng);
+        assert_eq!(refresh(&mut focus, &mut trainer), [6, 4]);
+    }
+
+    #[test]
+    fn a_pending_class_whose_examples_are_all_deleted_is_not_learnt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut rng = StdRng::seed_from_u64(7);
+        store_items(&store, "old-a", 0, 3, &mut rng);
+        store_items(&store, "old-b", 1, 3, &mut rng);
+        store_items(&store, "new", 2, 3, &mut rng);
+        let registration = crate::store::ClassRegistration {
+            label: "new".into(),
+            expected_generation: Some(2),
+            now_unix: 0,
+        };
+        store.add_class(&registration, &[]).unwrap();
+        let config = ClassLearningConfig {
+            duplets: false,
+            adapt_every: 0,
+            ..ClassLearningConfig::default()
+        };
+        let mut trainer = trainer();
+        let mut focus = ClassFocus::new(&config, &trainer).unwrap();
+        let mut pool = ExamplePool::default();
+        let defaults = crate::config::Config::load(None, []).unwrap().trainer;
+        let mut refresh = |focus: &mut ClassFocus, trainer: &mut Trainer| {
+            let examples = store.labelled_examples().unwrap();
+            pool.refresh(&examples, &defaults, 0);
+            focus
+                .refresh(trainer, &mut pool, &store, &examples)
+                .unwrap()
+        };
+        assert!(!refresh(&mut focus, &mut trainer));
+        assert_eq!(focus.pending_labels(), ["new"]);
+        for i in 0..3 {
+            assert!(store.delete_item(&format!("new-{i}")).unwrap());
+        }
+        assert!(refresh(&mut focus, &mut trainer), "its proxy left the head");
+        assert!(!focus.focusing(), "{:?}", focus.pending_labels());
+        assert!(!focus.learner.knows("new"));
+        // Examples again: pending again.
+        store_items(&store, "new", 2, 2, &mut rng);
+        assert!(!refresh(&mut focus, &mut trainer));
+        assert_eq!(focus.pending_labels(), ["new"]);
     }
 
     #[test]

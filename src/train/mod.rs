@@ -43,4 +43,8 @@ pub enum TrainError {
     /// libtorch reported an error.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A step panicked (some tch operations report errors by panicking, such as running out
+    /// of GPU memory); what it left half updated cannot be trusted.
+    #[error("panicked: {0}")]
+    Panicked(String),
 }

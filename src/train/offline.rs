@@ -15,7 +15,7 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::augment::Augment;
-use super::loss::{pair_stats, PairLoss, PairSide};
+use super::loss::{pair_stats, PairLoss, PairSide, PairStats};
 use super::memory::CrossBatchMemory;
 use super::sampler::PkSampler;
 use super::TrainError;
@@ -115,6 +115,18 @@ impl Network {
             }
         }
     }
+}
+
+/// What [`Trainer::compute_gradients`] computed besides the gradients.
+struct Gradients {
+    /// The batch's loss.
+    loss: f64,
+    /// The batch's embeddings, detached.
+    embeddings: Tensor,
+    /// Memory rows the loss used.
+    memory_rows: usize,
+    /// The batch's pairs (batch against itself).
+    pairs: PairStats,
 }
 
 /// The network, its weights and the optimiser.
@@ -393,50 +405,96 @@ impl Trainer {
         let device = self.device();
         let labels = batch.labels.f_to_device(device)?;
         let ids = batch.ids.f_to_device(device)?;
-        let (loss, emb, memory_rows) = self.compute_gradients(batch, &labels, &ids, extra)?;
-        let margin = self.loss.negative_margin();
-        let stats = pair_stats(
-            PairSide::new(&emb, &labels, &ids),
-            PairSide::new(&emb, &labels, &ids),
-            margin,
-        )?;
+        let computed = self.compute_gradients(batch, &labels, &ids, extra)?;
         self.opt.set_lr(lr);
         self.opt.step();
         self.steps_done += 1;
+        let pairs = computed.pairs;
         Ok(StepStats {
             step: self.steps_done,
-            loss,
+            loss: computed.loss,
             lr,
-            positives: stats.positives,
-            active_negatives: stats.active_negatives,
-            mean_positive: stats.mean_positive,
-            mean_negative: stats.mean_negative,
-            memory_rows,
+            positives: pairs.positives,
+            active_negatives: pairs.active_negatives,
+            mean_positive: pairs.mean_positive,
+            mean_negative: pairs.mean_negative,
+            memory_rows: computed.memory_rows,
         })
     }
 
     /// Zeroes the parameter gradients and fills them with the gradients of the batch's loss;
-    /// enqueues the batch into the memory. Returns the loss, the (detached) embeddings and
-    /// the number of memory rows used.
+    /// enqueues the batch into the memory. A step that fails, or whose loss is not finite,
+    /// changes nothing: the forward pass moved the BatchNorm running statistics and the
+    /// cross-iteration windows, which are put back, the gradients are zeroed (the optimiser
+    /// would write them into the weights), and the memory is left as it was.
     fn compute_gradients(
         &mut self,
         batch: &Batch,
         labels: &Tensor,
         ids: &Tensor,
-        mut extra: Option<ExtraLoss<'_>>,
-    ) -> Result<(f64, Tensor, usize), TrainError> {
+        extra: Option<ExtraLoss<'_>>,
+    ) -> Result<Gradients, TrainError> {
         self.opt.zero_grad();
+        let train = self.norm.mode.uses_batch_statistics();
+        if train {
+            self.save_running_statistics()?;
+        }
+        let attempt = self
+            .backward(batch, labels, ids, extra, train)
+            .and_then(|computed| {
+                if computed.loss.is_finite() {
+                    Ok(computed)
+                } else {
+                    Err(TrainError::NonFiniteLoss {
+                        loss: computed.loss,
+                        step: self.steps_done + 1,
+                    })
+                }
+            });
+        let computed = match attempt {
+            Ok(computed) => computed,
+            Err(e) => {
+                if train {
+                    self.restore_running_statistics()?;
+                    if let Network::Builtin(net) = &self.net {
+                        net.settle_cross_iteration_forward(false);
+                    }
+                }
+                self.opt.zero_grad();
+                return Err(e);
+            }
+        };
+        if let Network::Builtin(net) = &self.net {
+            net.settle_cross_iteration_forward(true);
+        }
+        if let Some(memory) = self
+            .memory
+            .as_mut()
+            .filter(|_| self.steps_done >= self.memory_settings.start_step)
+        {
+            memory.enqueue(&computed.embeddings, labels, ids, self.steps_done as u64)?;
+        }
+        Ok(computed)
+    }
+
+    /// The forward and backward passes of [`Trainer::compute_gradients`], whole or chunk by
+    /// chunk (GradCache), with the batch's pair statistics; changes nothing but the network's
+    /// statistics and the gradients.
+    fn backward(
+        &self,
+        batch: &Batch,
+        labels: &Tensor,
+        ids: &Tensor,
+        mut extra: Option<ExtraLoss<'_>>,
+        train: bool,
+    ) -> Result<Gradients, TrainError> {
         let inputs = batch
             .inputs
             .f_to_device(self.device())?
             .f_to_kind(Kind::Float)?;
         let n = inputs.size().first().copied().unwrap_or(0);
         let chunk = self.gradcache_chunk as i64;
-        let train = self.norm.mode.uses_batch_statistics();
-        if train {
-            self.save_running_statistics()?;
-        }
-        let (loss, emb, memory_rows) = if chunk == 0 || n <= chunk {
+        let (loss, embeddings, memory_rows) = if chunk == 0 || n <= chunk {
             let emb = self.net.forward(&inputs, train)?;
             let (loss, rows) = self.objective(&emb, labels, ids, extra.as_deref_mut())?;
             loss.f_backward()?;
@@ -464,41 +522,22 @@ impl Trainer {
             for c in &chunks {
                 let len = c.size()[0];
                 let emb = self.net.forward(c, train)?;
-                let surrogate = (&emb * cached.f_narrow(0, offset, len)?).f_sum(Kind::Float)?;
+                let surrogate = emb
+                    .f_mul(&cached.f_narrow(0, offset, len)?)?
+                    .f_sum(Kind::Float)?;
                 surrogate.f_backward()?;
                 offset += len;
             }
             (loss, reps.f_detach()?, rows)
         };
-        let loss = loss.f_double_value(&[])?;
-        if !loss.is_finite() {
-            // Undone or checked before anything else changes: the forward pass moved the
-            // BatchNorm running statistics and the cross-iteration windows, the optimiser
-            // would write the non-finite gradients into the weights, and the memory would keep
-            // the batch's embeddings.
-            if train {
-                self.restore_running_statistics()?;
-                if let Network::Builtin(net) = &self.net {
-                    net.settle_cross_iteration_forward(false);
-                }
-            }
-            self.opt.zero_grad();
-            return Err(TrainError::NonFiniteLoss {
-                loss,
-                step: self.steps_done + 1,
-            });
-        }
-        if let Network::Builtin(net) = &self.net {
-            net.settle_cross_iteration_forward(true);
-        }
-        if let Some(memory) = self
-            .memory
-            .as_mut()
-            .filter(|_| self.steps_done >= self.memory_settings.start_step)
-        {
-            memory.enqueue(&emb, labels, ids, self.steps_done as u64)?;
-        }
-        Ok((loss, emb, memory_rows))
+        let own = PairSide::new(&embeddings, labels, ids);
+        let pairs = pair_stats(own, own, self.loss.negative_margin())?;
+        Ok(Gradients {
+            loss: loss.f_double_value(&[])?,
+            embeddings,
+            memory_rows,
+            pairs,
+        })
     }
 
     /// The loss of embeddings `emb`: batch against batch, plus (once XBM has started)
@@ -513,7 +552,7 @@ impl Trainer {
         let batch = PairSide::new(emb, labels, ids);
         let mut loss = self.loss.compute(batch, batch)?;
         if let Some(extra) = extra {
-            loss += extra(emb, labels)?;
+            loss = loss.f_add(&extra(emb, labels)?)?;
         }
         let settings = self.memory_settings;
         let Some(memory) = self
@@ -528,8 +567,11 @@ impl Trainer {
         };
         let rows = snapshot.labels.size()[0] as usize;
         let reference = PairSide::new(&snapshot.embeddings, &snapshot.labels, &snapshot.ids);
-        loss += self.loss.compute(batch, reference)? * settings.weight;
-        Ok((loss, rows))
+        let memory_loss = self
+            .loss
+            .compute(batch, reference)?
+            .f_mul_scalar(settings.weight)?;
+        Ok((loss.f_add(&memory_loss)?, rows))
     }
 
     /// Sets how BatchNorm layers behave while training. The cross-iteration modes need the
@@ -1065,7 +1107,7 @@ mod tests {
     }
 
     #[test]
-    fn a_non_finite_loss_skips_the_step_and_changes_nothing() {
+    fn a_failed_or_non_finite_step_changes_nothing() {
         let data = toy_data(6, 4);
         let batch = |round: i64| {
             let mut b = toy_batch(&data, 8);
@@ -1079,8 +1121,12 @@ mod tests {
         let mut nan_term = |emb: &Tensor, _: &Tensor| -> Result<Tensor, TrainError> {
             Ok(emb.f_sum(Kind::Float)?.f_mul_scalar(f64::NAN)?)
         };
+        // A step that fails after the forward pass (as running out of memory would).
+        let mut failing_term = |_: &Tensor, _: &Tensor| -> Result<Tensor, TrainError> {
+            Err(TrainError::Config("the loss term failed".into()))
+        };
         for mode in [NormMode::Batch, NormMode::CrossIteration] {
-            for poison in ["NaN inputs", "NaN loss term"] {
+            for poison in ["NaN inputs", "NaN loss term", "failing loss term"] {
                 // Twins: the first also sees a poisoned batch between its steps.
                 let mut twins: Vec<Trainer> = (0..2)
                     .map(|_| {
@@ -1114,14 +1160,16 @@ mod tests {
                 let (fill, records) = (twins[0].memory_fill(), twins[0].cross_iteration_records());
                 let error = match poison {
                     "NaN inputs" => twins[0].step(&nan_inputs, 1e-2),
-                    _ => twins[0].step_with(&batch(98), 1e-2, Some(&mut nan_term)),
+                    "NaN loss term" => twins[0].step_with(&batch(98), 1e-2, Some(&mut nan_term)),
+                    _ => twins[0].step_with(&batch(97), 1e-2, Some(&mut failing_term)),
                 }
                 .unwrap_err();
                 let case = format!("{mode:?}, {poison}");
-                assert!(
-                    matches!(error, TrainError::NonFiniteLoss { .. }),
-                    "{case}: {error}"
-                );
+                let expected = match poison {
+                    "failing loss term" => matches!(error, TrainError::Config(_)),
+                    _ => matches!(error, TrainError::NonFiniteLoss { .. }),
+                };
+                assert!(expected, "{case}: {error}");
                 assert_eq!(twins[0].steps_done(), 3, "{case}");
                 assert!(twins[0].weights_finite().unwrap(), "{case}");
                 assert_eq!(
@@ -1185,10 +1233,12 @@ mod tests {
                 // On the trainer's device, as `step_with` passes them.
                 let labels = batch.labels.to_device(device);
                 let ids = (&batch.ids + round * 100).to_device(device);
-                let (a, _, rows_a) = full.compute_gradients(&batch, &labels, &ids, None).unwrap();
-                let (b, _, rows_b) = cached
+                let full_pass = full.compute_gradients(&batch, &labels, &ids, None).unwrap();
+                let chunked = cached
                     .compute_gradients(&batch, &labels, &ids, None)
                     .unwrap();
+                let (a, rows_a) = (full_pass.loss, full_pass.memory_rows);
+                let (b, rows_b) = (chunked.loss, chunked.memory_rows);
                 assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
                 assert_eq!(rows_a, rows_b);
                 assert_eq!(rows_a, if round == 0 { 0 } else { 24 });

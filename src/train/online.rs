@@ -8,6 +8,7 @@
 //! the gallery beside the live generation and swaps. If another generation goes live that it
 //! did not publish (a rollback through the API), it restarts from that generation's weights.
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -57,6 +58,9 @@ pub enum TrainerState {
     Paused,
     /// The live model cannot be fine-tuned (see `message`).
     Unsupported,
+    /// The trainer thread stopped after a panic outside a step (see `message` and the log);
+    /// it trains again after a restart of the server.
+    Crashed,
 }
 
 /// The trainer's state as `GET /v1/trainer` reports it.
@@ -119,6 +123,9 @@ struct Control {
     publish_requested: bool,
     /// A periodic publish is due (dropped by a pause).
     periodic_publish_due: bool,
+    /// Classes were learnt or left the head: a publish is due once no class is pending or
+    /// being uploaded and the trainer is not paused (kept through a pause).
+    auto_publish_due: bool,
     /// New classes were uploaded since the trainer last read the store.
     classes_changed: bool,
     /// Class uploads between [`TrainerHandle::expect_class`] and their store write: periodic
@@ -131,6 +138,40 @@ struct Control {
     reserved_version: u64,
     replay: ReplayStatus,
     status: TrainerStatus,
+}
+
+impl Control {
+    /// The state of a trainer that has not started yet.
+    fn new(paused: bool, memory_size: usize) -> Control {
+        Control {
+            stopped: false,
+            finished: false,
+            paused,
+            publish_requested: false,
+            periodic_publish_due: false,
+            auto_publish_due: false,
+            classes_changed: false,
+            uploads_in_flight: 0,
+            deletions_in_flight: 0,
+            reserved_version: 0,
+            replay: ReplayStatus::default(),
+            status: TrainerStatus {
+                state: TrainerState::Starting,
+                step: 0,
+                loss: None,
+                memory_fill: 0,
+                memory_size,
+                steps_per_second: 0.0,
+                last_drift: None,
+                base_generation: None,
+                last_published: None,
+                examples: 0,
+                trainable_labels: 0,
+                pending_classes: Vec::new(),
+                message: None,
+            },
+        }
+    }
 }
 
 /// Handle to the trainer thread: status and control.
@@ -148,8 +189,8 @@ impl TrainerHandle {
     pub fn status(&self) -> TrainerStatus {
         let control = self.lock();
         TrainerStatus {
-            // The stored state is what the thread does, pause aside.
-            state: if control.paused {
+            // The stored state is what the thread does, pause aside (a crash stays shown).
+            state: if control.paused && control.status.state != TrainerState::Crashed {
                 TrainerState::Paused
             } else {
                 control.status.state
@@ -235,7 +276,7 @@ impl TrainerHandle {
     /// Starts deleting a class from the store: no publish starts until the returned
     /// [`ClassRemoval`] is dropped after the commit; the trainer then re-reads the store
     /// (dropping the class's examples, replay exemplars and head proxy) and publishes a
-    /// generation without it after its next step.
+    /// generation without it.
     pub fn delete_class(&self) -> ClassRemoval {
         self.lock().deletions_in_flight += 1;
         ClassRemoval {
@@ -267,7 +308,8 @@ impl Drop for ClassUpload {
 }
 
 /// A class deletion in progress ([`TrainerHandle::delete_class`]). Dropping it, once the
-/// deletion is committed (or failed), tells the trainer to re-read the store and publish.
+/// deletion is committed (or failed), tells the trainer to re-read the store; it publishes
+/// when that takes a class out of its head.
 pub struct ClassRemoval {
     trainer: TrainerHandle,
 }
@@ -277,7 +319,6 @@ impl Drop for ClassRemoval {
         let mut control = self.trainer.lock();
         control.deletions_in_flight = control.deletions_in_flight.saturating_sub(1);
         control.classes_changed = true;
-        control.publish_requested = true;
         self.trainer.shared.1.notify_all();
     }
 }
@@ -302,33 +343,10 @@ pub struct OnlineContext {
 pub fn spawn(context: OnlineContext) -> std::io::Result<TrainerHandle> {
     let handle = TrainerHandle {
         shared: Arc::new((
-            Mutex::new(Control {
-                stopped: false,
-                finished: false,
-                paused: context.config.start_paused,
-                publish_requested: false,
-                periodic_publish_due: false,
-                classes_changed: false,
-                uploads_in_flight: 0,
-                deletions_in_flight: 0,
-                reserved_version: 0,
-                replay: ReplayStatus::default(),
-                status: TrainerStatus {
-                    state: TrainerState::Starting,
-                    step: 0,
-                    loss: None,
-                    memory_fill: 0,
-                    memory_size: context.config.objective.memory_size,
-                    steps_per_second: 0.0,
-                    last_drift: None,
-                    base_generation: None,
-                    last_published: None,
-                    examples: 0,
-                    trainable_labels: 0,
-                    pending_classes: Vec::new(),
-                    message: None,
-                },
-            }),
+            Mutex::new(Control::new(
+                context.config.start_paused,
+                context.config.objective.memory_size,
+            )),
             Condvar::new(),
         )),
     };
@@ -348,7 +366,13 @@ struct MarkFinished<'a>(&'a TrainerHandle);
 
 impl Drop for MarkFinished<'_> {
     fn drop(&mut self) {
-        self.0.lock().finished = true;
+        let mut control = self.0.lock();
+        control.finished = true;
+        if std::thread::panicking() {
+            control.status.state = TrainerState::Crashed;
+            control.status.message =
+                Some("the trainer thread panicked (see the log); restart the server".into());
+        }
         self.0.shared.1.notify_all();
     }
 }
@@ -361,8 +385,11 @@ struct Session {
     /// [`Publisher::activations`] when the session started from `base`.
     activations_seen: u64,
     published: Vec<u64>,
-    /// `steps` when the last generation was published: nothing new to publish until it grows.
+    /// `steps` when the last generation was published: nothing new to publish until it grows
+    /// (or the head loses classes).
     published_at_step: usize,
+    /// The head lost classes (deleted from the store) since the last generation.
+    head_changed: bool,
     /// When the session last read the store's examples.
     store_read: Option<Instant>,
     probe: Option<Probe>,
@@ -399,6 +426,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                     // A publish asked for before the restart was of the weights just dropped.
                     control.publish_requested = false;
                     control.periodic_publish_due = false;
+                    control.auto_publish_due = false;
                     control.status.base_generation = Some(live.version);
                     control.status.step = 0;
                     control.status.message = restart_reason.take();
@@ -424,7 +452,15 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             {
                 refresh_and_report(&context, handle, current, &mut pool, &mut rng);
             }
-            maybe_publish(&context, handle, current);
+            if let Some(diverged) = maybe_publish(&context, handle, current) {
+                drop_session(
+                    &context,
+                    handle,
+                    &mut session,
+                    &mut restart_reason,
+                    diverged,
+                );
+            }
             wait(handle);
             continue;
         }
@@ -448,6 +484,16 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                     pool.trainable_labels
                 );
                 set_state(handle, TrainerState::Idle, Some(why));
+                // A class deleted down to too few examples still leaves the published head.
+                if let Some(diverged) = maybe_publish(&context, handle, current) {
+                    drop_session(
+                        &context,
+                        handle,
+                        &mut session,
+                        &mut restart_reason,
+                        diverged,
+                    );
+                }
                 wait(handle);
                 continue;
             }
@@ -459,7 +505,13 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             }
         };
         let started = Instant::now();
-        match train_step(&context, current, &mut pool, &batch, &mut rng) {
+        // A panic (a tch operation that reports errors by panicking, such as running out of
+        // GPU memory) is a failed step after which the session cannot be trusted.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            train_step(&context, current, &mut pool, &batch, &mut rng)
+        }))
+        .unwrap_or_else(|panic| Err(TrainError::Panicked(panic_message(panic.as_ref()))));
+        match outcome {
             Ok((loss, learnt)) => {
                 failed_in_a_row = 0;
                 current.steps += 1;
@@ -495,7 +547,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 let periodic = current.steps % context.config.publish_every.max(1) == 0;
                 {
                     let mut control = handle.lock();
-                    control.publish_requested |= learnt;
+                    control.auto_publish_due |= learnt;
                     // A pause that came during the step holds a periodic publish back too.
                     control.periodic_publish_due |= periodic && !control.paused;
                 }
@@ -505,7 +557,16 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                     control.replay = current.classes.replay_status();
                     report_classes(&context.metrics, &control);
                 }
-                maybe_publish(&context, handle, current);
+                if let Some(diverged) = maybe_publish(&context, handle, current) {
+                    drop_session(
+                        &context,
+                        handle,
+                        &mut session,
+                        &mut restart_reason,
+                        diverged,
+                    );
+                    continue;
+                }
                 let duty = context.config.duty_cycle.clamp(0.01, 1.0);
                 // Rest, waking early when the trainer is told to stop.
                 let rest = Duration::from_secs_f64(seconds * (1.0 - duty) / duty);
@@ -515,24 +576,54 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 failed_in_a_row += 1;
                 context.metrics.trainer_failed_steps.inc();
                 tracing::warn!("trainer step failed: {e}");
-                let mut message = format!("the last step failed: {e}");
-                if failed_in_a_row >= RESTART_AFTER_FAILED_STEPS {
-                    message = format!(
+                if matches!(e, TrainError::Panicked(_)) {
+                    failed_in_a_row = 0;
+                    let message = format!(
+                        "a step panicked, so the trainer restarted from the live generation: {e}"
+                    );
+                    drop_session(&context, handle, &mut session, &mut restart_reason, message);
+                } else if failed_in_a_row >= RESTART_AFTER_FAILED_STEPS {
+                    let message = format!(
                         "{failed_in_a_row} steps failed in a row, so the trainer restarted \
                          from the live generation; the last: {e}"
                     );
-                    tracing::error!("{message}");
-                    context.metrics.trainer_restarts.inc();
                     failed_in_a_row = 0;
-                    restart_reason = Some(message.clone());
-                    session = None;
+                    drop_session(&context, handle, &mut session, &mut restart_reason, message);
+                } else {
+                    let message = format!("the last step failed: {e}");
+                    set_state(handle, TrainerState::Failing, Some(message));
                 }
-                set_state(handle, TrainerState::Failing, Some(message));
                 pool.sampler = None;
                 std::thread::sleep(IDLE_WAIT);
             }
         }
     }
+}
+
+/// Drops a session that cannot go on (its weights diverged, or a panic left it half
+/// updated): the loop restarts from the live generation, and `message` says why in the
+/// status until a step succeeds.
+fn drop_session(
+    context: &OnlineContext,
+    handle: &TrainerHandle,
+    session: &mut Option<Session>,
+    restart_reason: &mut Option<String>,
+    message: String,
+) {
+    tracing::error!("{message}");
+    context.metrics.trainer_restarts.inc();
+    *session = None;
+    *restart_reason = Some(message.clone());
+    set_state(handle, TrainerState::Failing, Some(message));
+}
+
+/// The text of a caught panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Re-reads the store's examples and pending classes, and reports them in the status.
@@ -543,11 +634,14 @@ fn refresh_and_report(
     pool: &mut ExamplePool,
     rng: &mut StdRng,
 ) {
-    if let Err(e) = refresh(context, session, pool, rng) {
+    let head_lost_classes = refresh(context, session, pool, rng).unwrap_or_else(|e| {
         tracing::warn!("trainer cannot read examples: {e}");
-    }
+        false
+    });
     session.store_read = Some(Instant::now());
+    session.head_changed |= head_lost_classes;
     let mut control = handle.lock();
+    control.auto_publish_due |= head_lost_classes;
     control.status.examples = pool.examples.len();
     control.status.trainable_labels = pool.trainable_labels;
     control.status.pending_classes = session.classes.pending_labels();
@@ -613,6 +707,7 @@ fn start_session(
         activations_seen,
         published: Vec::new(),
         published_at_step: 0,
+        head_changed: false,
         store_read: None,
         probe: None,
         steps: 0,
@@ -645,12 +740,13 @@ fn train_step(
 }
 
 /// Re-reads the store: the sampler's pool, the pending classes and the labels to remember.
+/// Returns whether the head lost classes.
 fn refresh(
     context: &OnlineContext,
     session: &mut Session,
     pool: &mut ExamplePool,
     rng: &mut StdRng,
-) -> Result<(), TrainError> {
+) -> Result<bool, TrainError> {
     let examples = context.store.labelled_examples()?;
     pool.refresh(&examples, &context.config, rng_seed(rng));
     session
@@ -660,45 +756,77 @@ fn refresh(
 
 /// Publishes a generation if one is due (asked for, or a periodic one no class upload is
 /// waiting on), the trainer has taken steps since its last generation, and no build runs.
-fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut Session) {
-    // Weights an activation has overtaken are not published; the loop restarts from it next.
-    let superseded = context.publisher.activations() != session.activations_seen;
-    let due = |control: &Control| {
-        let periodic = control.periodic_publish_due
-            && !session.classes.focusing()
-            && control.uploads_in_flight == 0;
-        // Classes uploaded or deleted since the last read of the store wait for the next
-        // read: a class deleted during this step must not be published with the head.
-        // Stopping: no build may start while the process tears libtorch down.
-        (control.publish_requested || periodic)
-            && !control.classes_changed
-            && control.deletions_in_flight == 0
-            && !control.stopped
-            && session.steps != session.published_at_step
-            && !context.publisher.is_busy()
-            && !superseded
+/// What, besides the control flags, decides whether a publish is due.
+#[derive(Debug, Clone, Copy)]
+struct PublishGate {
+    /// Uploaded classes are pending (being learnt).
+    focusing: bool,
+    /// The session has steps or head changes no generation holds yet.
+    unpublished: bool,
+    /// A build is running.
+    busy: bool,
+    /// An activation overtook the session's weights.
+    superseded: bool,
+}
+
+/// Whether a publish is due. Asked for through the API, it goes as soon as the rest allows.
+/// Automatic ones (periodic, or classes learnt or deleted) also wait while classes are
+/// pending or being uploaded, so that the generation an upload expects is the one that
+/// includes it, and while the trainer is paused. Classes uploaded or deleted since the last
+/// read of the store wait for the next read (a class deleted during this step must not be
+/// published with the head); stopping, no build may start while the process tears libtorch
+/// down.
+fn publish_due(control: &Control, gate: PublishGate) -> bool {
+    let automatic = (control.periodic_publish_due || control.auto_publish_due)
+        && !control.paused
+        && !gate.focusing
+        && control.uploads_in_flight == 0;
+    (control.publish_requested || automatic)
+        && !control.classes_changed
+        && control.deletions_in_flight == 0
+        && !control.stopped
+        && gate.unpublished
+        && !gate.busy
+        && !gate.superseded
+}
+
+/// Publishes a generation if one is due ([`publish_due`]). Returns why the session must be
+/// dropped when its weights turned out to have diverged.
+fn maybe_publish(
+    context: &OnlineContext,
+    handle: &TrainerHandle,
+    session: &mut Session,
+) -> Option<String> {
+    let gate = || PublishGate {
+        focusing: session.classes.focusing(),
+        unpublished: session.steps != session.published_at_step || session.head_changed,
+        busy: context.publisher.is_busy(),
+        // Weights an activation has overtaken are not published; the loop restarts next.
+        superseded: context.publisher.activations() != session.activations_seen,
     };
     // Most steps publish nothing: the store is read only when a publish looks due.
-    if !due(&handle.lock()) {
-        return;
+    if !publish_due(&handle.lock(), gate()) {
+        return None;
     }
     let recorded = match context.store.generations() {
         Ok(records) => records.last().map_or(0, |g| g.version),
         Err(e) => {
             tracing::warn!("trainer cannot read the generations: {e}");
-            return;
+            return None;
         }
     };
     let live = context.publisher.registry().live().map_or(0, |g| g.version);
     // Decide again and reserve the version under one lock, so an upload's expected generation
     // is either taken before (and the upload expects the next) or left for it.
     let version = {
+        let gate = gate();
         let mut control = handle.lock();
-        if !due(&control) {
-            return;
+        if !publish_due(&control, gate) {
+            return None;
         }
         control.publish_requested = false;
         control.periodic_publish_due = false;
+        control.auto_publish_due = false;
         let version = recorded.max(live).max(control.reserved_version) + 1;
         control.reserved_version = version;
         version
@@ -707,6 +835,7 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
         Ok(drift) => {
             session.published.push(version);
             session.published_at_step = session.steps;
+            session.head_changed = false;
             if let Some(drift) = drift {
                 context.metrics.drift.set(drift);
             }
@@ -714,15 +843,29 @@ fn maybe_publish(context: &OnlineContext, handle: &TrainerHandle, session: &mut 
             control.status.last_published = Some(version);
             control.status.last_drift = drift.or(control.status.last_drift);
         }
-        Err(e) => match e.downcast_ref::<BuildError>() {
-            // Raced by an activation or another build: the loop restarts or retries.
-            Some(refused @ (BuildError::Superseded { .. } | BuildError::Busy(_))) => {
-                tracing::info!("not published: {refused}");
+        Err(e) => {
+            if let Some(diverged) = e.downcast_ref::<Diverged>() {
+                return Some(format!(
+                    "{diverged}, so the trainer restarted from the live generation"
+                ));
             }
-            _ => tracing::error!("publishing a generation failed: {e:#}"),
-        },
+            match e.downcast_ref::<BuildError>() {
+                // Raced by an activation or another build: the loop restarts or retries.
+                Some(refused @ (BuildError::Superseded { .. } | BuildError::Busy(_))) => {
+                    tracing::info!("not published: {refused}");
+                }
+                _ => tracing::error!("publishing a generation failed: {e:#}"),
+            }
+        }
     }
+    None
 }
+
+/// Why weights were not published: they, or the probe set's embeddings under them, are not
+/// finite. Training cannot recover from that, so the session is dropped.
+#[derive(Debug, thiserror::Error)]
+#[error("not published: {0} are not finite (training diverged)")]
+struct Diverged(&'static str);
 
 /// Checks, writes, records and starts building generation `version` from the session's
 /// weights; returns the probe set's drift.
@@ -735,10 +878,9 @@ fn publish(
     // A model with NaN in its weights (or, for the built-in network, its statistics) would
     // make every write and query fail once live; it is never published. The probe set's
     // embeddings are checked below as well.
-    anyhow::ensure!(
-        session.trainer.weights_finite()?,
-        "not published: the weights are not finite (training diverged)"
-    );
+    if !session.trainer.weights_finite()? {
+        return Err(Diverged("the weights").into());
+    }
     let drift = match session.probe.as_mut() {
         Some(probe) => {
             let now = session.trainer.embed_eval(&probe.inputs)?;
@@ -747,10 +889,9 @@ fn publish(
                 .f_sum_dim_intlist([1i64].as_slice(), false, tch::Kind::Float)?
                 .f_mean(tch::Kind::Double)?
                 .f_double_value(&[])?;
-            anyhow::ensure!(
-                drift.is_finite(),
-                "not published: the probe embeddings are not finite (the weights diverged)"
-            );
+            if !drift.is_finite() {
+                return Err(Diverged("the probe set's embeddings").into());
+            }
             probe.last = now;
             Some(drift)
         }
@@ -829,4 +970,120 @@ fn write_checkpoint(
         std::fs::File::open(parent)?.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nothing but the flags holds a publish back.
+    const OPEN: PublishGate = PublishGate {
+        focusing: false,
+        unpublished: true,
+        busy: false,
+        superseded: false,
+    };
+
+    fn handle() -> TrainerHandle {
+        TrainerHandle {
+            shared: Arc::new((Mutex::new(Control::new(false, 0)), Condvar::new())),
+        }
+    }
+
+    /// Whether a publish asked for through the API, a periodic one and one for classes
+    /// learnt or deleted are each due, after `hold` changed the control and the gate.
+    fn due_by_trigger(hold: impl Fn(&mut Control, &mut PublishGate)) -> [bool; 3] {
+        let triggers: [fn(&mut Control); 3] = [
+            |c| c.publish_requested = true,
+            |c| c.periodic_publish_due = true,
+            |c| c.auto_publish_due = true,
+        ];
+        triggers.map(|trigger| {
+            let mut control = Control::new(false, 0);
+            let mut gate = OPEN;
+            trigger(&mut control);
+            hold(&mut control, &mut gate);
+            publish_due(&control, gate)
+        })
+    }
+
+    #[test]
+    fn automatic_publishes_wait_for_pending_classes_uploads_and_pauses_api_ones_do_not() {
+        assert!(!publish_due(&Control::new(false, 0), OPEN), "nothing asked");
+        type Hold = fn(&mut Control, &mut PublishGate);
+        let cases: [(&str, Hold, [bool; 3]); 10] = [
+            ("nothing holds it", |_, _| {}, [true; 3]),
+            (
+                "classes pending",
+                |_, g| g.focusing = true,
+                [true, false, false],
+            ),
+            (
+                "an upload in flight",
+                |c, _| c.uploads_in_flight = 1,
+                [true, false, false],
+            ),
+            ("paused", |c, _| c.paused = true, [true, false, false]),
+            (
+                "store changes unread",
+                |c, _| c.classes_changed = true,
+                [false; 3],
+            ),
+            (
+                "a deletion committing",
+                |c, _| c.deletions_in_flight = 1,
+                [false; 3],
+            ),
+            ("stopping", |c, _| c.stopped = true, [false; 3]),
+            ("nothing new", |_, g| g.unpublished = false, [false; 3]),
+            ("a build running", |_, g| g.busy = true, [false; 3]),
+            (
+                "overtaken by an activation",
+                |_, g| g.superseded = true,
+                [false; 3],
+            ),
+        ];
+        for (name, hold, expected) in cases {
+            assert_eq!(
+                due_by_trigger(hold),
+                expected,
+                "{name}: [api, periodic, auto]"
+            );
+        }
+    }
+
+    #[test]
+    fn a_class_deletion_holds_every_publish_until_committed_and_then_until_read() {
+        let trainer = handle();
+        trainer.request_publish();
+        let removal = trainer.delete_class();
+        assert!(!publish_due(&trainer.lock(), OPEN), "deletion committing");
+        drop(removal);
+        {
+            let control = trainer.lock();
+            assert!(control.classes_changed && control.deletions_in_flight == 0);
+            assert!(!publish_due(&control, OPEN), "deletion not read yet");
+        }
+        trainer.lock().classes_changed = false;
+        assert!(
+            publish_due(&trainer.lock(), OPEN),
+            "read: the API publish goes"
+        );
+    }
+
+    #[test]
+    fn a_pause_drops_a_periodic_publish_and_keeps_one_for_classes_until_resumed() {
+        let trainer = handle();
+        {
+            let mut control = trainer.lock();
+            control.periodic_publish_due = true;
+            control.auto_publish_due = true;
+        }
+        trainer.pause();
+        assert!(!publish_due(&trainer.lock(), OPEN));
+        trainer.resume();
+        let control = trainer.lock();
+        assert!(!control.periodic_publish_due && control.auto_publish_due);
+        assert!(publish_due(&control, OPEN));
+    }
 }

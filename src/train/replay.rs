@@ -350,6 +350,8 @@ pub struct ClassShare {
     pub bytes: usize,
     /// Most exemplars the class may hold.
     pub quota: usize,
+    /// Candidates offered for the class so far (less those it already held when offered).
+    pub seen: usize,
 }
 
 /// What [`ReplayMemory::add_class`] did.
@@ -651,6 +653,7 @@ impl ReplayMemory {
                 exemplars: s.exemplars.len(),
                 bytes: s.bytes,
                 quota: quota(self.capacity, k, i),
+                seen: s.seen,
             })
             .collect()
     }
