@@ -32,7 +32,7 @@ use crate::eval::{for_each_ranking, EvalError};
 use crate::model::spec::InputSpec;
 use crate::train::augment::Augment;
 use crate::train::incremental::{
-    embed_values, ClassExamples, ClassLearner, ClassLearningConfig, FlatBatch, ProxyInit,
+    embed_values, ClassExamples, ClassLearner, ClassLearningConfig, FlatBatch, ProxyInit, StableIds,
 };
 use crate::train::offline::{lr_at, TrainData, Trainer};
 use crate::train::replay::{Fidelity, ReplayConfig, Selection};
@@ -463,9 +463,8 @@ pub fn run_tasks(
     let classes = class_examples(train);
     let tests = class_examples(test);
     let twin_offset = train.len() as i64;
-    let replay_base = 2 * twin_offset;
+    let mut replay_ids = StableIds::new(2 * twin_offset);
     let mut rng = StdRng::seed_from_u64(schedule.seed ^ 0x5eed_1ac7);
-    let mut replay_counter = 0i64;
     let mut history: Vec<Vec<f64>> = Vec::new();
     let mut results = Vec::new();
     for (t, range) in schedule.tasks.iter().enumerate() {
@@ -504,8 +503,7 @@ pub fn run_tasks(
             }
             let before = batch.len();
             let n_replay = learner.config().replay_per_batch;
-            learner.push_replay(&mut batch, n_replay, replay_base + replay_counter, &mut rng)?;
-            replay_counter += n_replay as i64;
+            learner.push_replay(&mut batch, n_replay, &mut replay_ids, &mut rng)?;
             replayed.extend(batch.labels[before..].iter().cloned());
             let lr = lr_at(step, schedule.steps_per_task, schedule.lr, WARMUP_FRACTION);
             loss_sum += learner

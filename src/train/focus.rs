@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use super::augment::Augment;
-use super::incremental::{ClassExamples, ClassLearner, ClassLearningConfig, FlatBatch};
+use super::incremental::{ClassExamples, ClassLearner, ClassLearningConfig, FlatBatch, StableIds};
 use super::offline::{StepStats, Trainer};
 use super::online::{ReplayShare, ReplayStatus};
 use super::pool::ExamplePool;
@@ -51,12 +51,13 @@ pub struct ClassFocus {
     /// examples they had then. Examples arrive over time, so a label is offered again when it
     /// has more, until it had `replay_candidates` at an offer.
     remembered: HashMap<String, usize>,
-    replay_counter: i64,
+    /// Numeric ids of replayed exemplars, by the example id they were made from.
+    replay_ids: StableIds,
     /// Examples the store listed for each pending class when it was last read.
     listed: HashMap<String, usize>,
     /// Numeric ids of focus examples the pool has not numbered (a class with one example),
     /// by example id, never reused.
-    focus_ids: HashMap<String, i64>,
+    focus_ids: StableIds,
     /// Pending classes in the last batch [`ClassFocus::next_batch`] made; the next
     /// [`ClassFocus::step`] counts for them only.
     in_batch: Vec<String>,
@@ -79,9 +80,9 @@ impl ClassFocus {
             pending: BTreeMap::new(),
             learnt: Vec::new(),
             remembered: HashMap::new(),
-            replay_counter: 0,
+            replay_ids: StableIds::new(REPLAY_ID_BASE),
             listed: HashMap::new(),
-            focus_ids: HashMap::new(),
+            focus_ids: StableIds::new(FOCUS_ID_BASE),
             in_batch: Vec::new(),
         })
     }
@@ -304,10 +305,7 @@ impl ClassFocus {
         let focus_ids = &mut self.focus_ids;
         let mut numeric_id = |example: &str| match pool.numeric_id.get(example) {
             Some(&id) => id,
-            None => {
-                let next = FOCUS_ID_BASE + focus_ids.len() as i64;
-                *focus_ids.entry(example.to_owned()).or_insert(next)
-            }
+            None => focus_ids.id(example),
         };
         for (label, pending) in turn {
             let class = &pending.examples;
@@ -323,13 +321,8 @@ impl ClassFocus {
         }
         let replay = self.learner.config().replay_per_batch;
         if self.learner.replay().is_some_and(|r| !r.is_empty()) {
-            self.learner.push_replay(
-                &mut batch,
-                replay,
-                REPLAY_ID_BASE + self.replay_counter,
-                rng,
-            )?;
-            self.replay_counter += replay as i64;
+            self.learner
+                .push_replay(&mut batch, replay, &mut self.replay_ids, rng)?;
         } else if let Some(indices) = pool.sampler.as_mut().map(PkSampler::next_batch) {
             pool.push_batch(store, &indices, &self.input, &mut batch)?;
         }
@@ -551,24 +544,47 @@ mod tests {
         let mut focus = ClassFocus::new(&config, &trainer).unwrap();
         let mut pool = ExamplePool::default();
         let defaults = crate::config::Config::load(None, []).unwrap().trainer;
-        let mut refresh = |focus: &mut ClassFocus, trainer: &mut Trainer| {
+        let refresh = |focus: &mut ClassFocus, trainer: &mut Trainer, pool: &mut ExamplePool| {
             let examples = store.labelled_examples().unwrap();
             pool.refresh(&examples, &defaults, 0);
-            focus
-                .refresh(trainer, &mut pool, &store, &examples)
-                .unwrap()
+            focus.refresh(trainer, pool, &store, &examples).unwrap()
         };
-        assert!(!refresh(&mut focus, &mut trainer));
+        assert!(!refresh(&mut focus, &mut trainer, &mut pool));
         assert_eq!(focus.pending_labels(), ["new"]);
+        // Replayed exemplars of the old labels keep one numeric id however often they are
+        // drawn, so self-pairs are masked against the XBM memory (16 draws per batch here,
+        // 6 exemplars).
+        let mut replayed: HashMap<i64, Vec<f32>> = HashMap::new();
+        let mut draws = 0;
+        for _ in 0..4 {
+            let batch = focus
+                .next_batch(&mut pool, &store, 2, 2, &mut rng)
+                .unwrap()
+                .unwrap();
+            let numel = batch.values.len() / batch.len();
+            for (i, (label, id)) in batch.labels.iter().zip(&batch.ids).enumerate() {
+                if label.starts_with("old") {
+                    draws += 1;
+                    assert!(*id >= REPLAY_ID_BASE);
+                    let values = batch.values[i * numel..(i + 1) * numel].to_vec();
+                    assert_eq!(replayed.entry(*id).or_insert(values.clone()), &values);
+                }
+            }
+        }
+        assert_eq!(draws, 64);
+        assert!(replayed.len() <= 6, "{} ids", replayed.len());
         for i in 0..3 {
             assert!(store.delete_item(&format!("new-{i}")).unwrap());
         }
-        assert!(refresh(&mut focus, &mut trainer), "its proxy left the head");
+        assert!(
+            refresh(&mut focus, &mut trainer, &mut pool),
+            "its proxy left the head"
+        );
         assert!(!focus.focusing(), "{:?}", focus.pending_labels());
         assert!(!focus.learner.knows("new"));
         // Examples again: pending again.
         store_items(&store, "new", 2, 2, &mut rng);
-        assert!(!refresh(&mut focus, &mut trainer));
+        assert!(!refresh(&mut focus, &mut trainer, &mut pool));
         assert_eq!(focus.pending_labels(), ["new"]);
     }
 

@@ -132,6 +132,31 @@ impl ClassLearningConfig {
     }
 }
 
+/// Numeric ids (for masking self-pairs by id, in the batch and against the XBM memory) given
+/// to example ids as they are first seen: `base`, `base + 1`, … The same example keeps its id
+/// however often it is drawn.
+#[derive(Debug, Clone)]
+pub struct StableIds {
+    base: i64,
+    ids: HashMap<String, i64>,
+}
+
+impl StableIds {
+    /// Ids from `base` on.
+    pub fn new(base: i64) -> StableIds {
+        StableIds {
+            base,
+            ids: HashMap::new(),
+        }
+    }
+
+    /// The numeric id of `example`.
+    pub fn id(&mut self, example: &str) -> i64 {
+        let next = self.base + self.ids.len() as i64;
+        *self.ids.entry(example.to_owned()).or_insert(next)
+    }
+}
+
 /// One class's examples as preprocessed model inputs.
 #[derive(Debug, Clone)]
 pub struct ClassExamples {
@@ -472,14 +497,14 @@ impl ClassLearner {
         &self,
         batch: &mut FlatBatch,
         n: usize,
-        next_id: i64,
+        ids: &mut StableIds,
         rng: &mut impl Rng,
     ) -> Result<(), TrainError> {
         let Some(replay) = &self.replay else {
             return Ok(());
         };
-        for (i, (label, values)) in replay.sample_balanced(n, rng)?.into_iter().enumerate() {
-            batch.push(&values, &label, next_id + i as i64);
+        for draw in replay.sample_balanced(n, rng)? {
+            batch.push(&draw.values, &draw.label, ids.id(&draw.id));
         }
         Ok(())
     }
@@ -608,9 +633,9 @@ impl ClassLearner {
         let mut values = Vec::new();
         let mut rows = Vec::new();
         if let Some(replay) = &self.replay {
-            for (label, v) in replay.sample_balanced(self.config.adapt_samples, rng)? {
-                if let Some(row) = self.head.index_of(&label) {
-                    values.push(v);
+            for draw in replay.sample_balanced(self.config.adapt_samples, rng)? {
+                if let Some(row) = self.head.index_of(&draw.label) {
+                    values.push(draw.values);
                     rows.push(row);
                 }
             }

@@ -339,6 +339,17 @@ pub struct Exemplar {
     pub bytes: Vec<u8>,
 }
 
+/// An exemplar drawn for a batch, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayDraw {
+    /// Class label.
+    pub label: String,
+    /// Example id of the candidate the exemplar was made from.
+    pub id: String,
+    /// Decoded model input.
+    pub values: Vec<f32>,
+}
+
 /// A class's share of the memory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClassShare {
@@ -693,7 +704,7 @@ impl ReplayMemory {
         &self,
         n: usize,
         rng: &mut impl Rng,
-    ) -> Result<Vec<(String, Vec<f32>)>, TrainError> {
+    ) -> Result<Vec<ReplayDraw>, TrainError> {
         let filled: Vec<&ClassSlot> = self
             .classes
             .iter()
@@ -707,7 +718,11 @@ impl ReplayMemory {
             .map(|j| {
                 let slot = filled[(start + j) % filled.len()];
                 let exemplar = &slot.exemplars[rng.gen_range(0..slot.exemplars.len())];
-                Ok((slot.label.clone(), self.codec.decode(&exemplar.bytes)?))
+                Ok(ReplayDraw {
+                    label: slot.label.clone(),
+                    id: exemplar.id.clone(),
+                    values: self.codec.decode(&exemplar.bytes)?,
+                })
             })
             .collect()
     }
@@ -1710,12 +1725,20 @@ mod tests {
                 .add_class(label, &candidates(label, n, &spec, n as u64))
                 .unwrap();
         }
-        let count = |batch: &[(String, Vec<f32>)], label: &str| {
-            batch.iter().filter(|(l, _)| l == label).count()
-        };
+        let count =
+            |batch: &[ReplayDraw], label: &str| batch.iter().filter(|d| d.label == label).count();
         let batch = memory.sample_balanced(30, &mut rng).unwrap();
         assert_eq!(batch.len(), 30);
-        assert!(batch.iter().all(|(_, v)| v.len() == spec.numel()));
+        assert!(batch.iter().all(|d| d.values.len() == spec.numel()));
+        // Each draw names the exemplar it decodes.
+        for draw in &batch {
+            let exemplar = memory
+                .exemplars(&draw.label)
+                .iter()
+                .find(|e| e.id == draw.id);
+            let decoded = memory.codec().decode(&exemplar.unwrap().bytes).unwrap();
+            assert_eq!(decoded, draw.values);
+        }
         assert_eq!(
             [count(&batch, "a"), count(&batch, "b"), count(&batch, "c")],
             [10; 3]
