@@ -347,6 +347,11 @@ impl ClassHead {
         Ok(self.proxies.f_detach_copy()?)
     }
 
+    /// Whether every proxy is finite (an empty head is).
+    pub fn is_finite(&self) -> Result<bool, TrainError> {
+        Ok(self.proxies.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0)
+    }
+
     /// A `[D]` vector normalised to unit length as an f32 `[1, D]` row on the head's device.
     fn proxy_row(&self, proxy: &Tensor) -> Result<Tensor, TrainError> {
         if proxy.size() != [self.dim] {
@@ -801,6 +806,9 @@ mod tests {
                 < 1e-7
         );
         assert!(head.set_proxy("absent", &new).is_err());
+        assert!(head.is_finite().unwrap());
+        let _ = tch::no_grad(|| head.proxies.get(2).fill_(f64::NAN));
+        assert!(!head.is_finite().unwrap(), "a NaN proxy is seen");
     }
 
     #[test]

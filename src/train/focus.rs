@@ -266,6 +266,11 @@ impl ClassFocus {
             .unwrap_or_default()
     }
 
+    /// Whether every proxy of the class head is finite.
+    pub fn head_finite(&self) -> Result<bool, TrainError> {
+        self.learner.head().is_finite()
+    }
+
     /// Whether classes are pending.
     pub fn focusing(&self) -> bool {
         !self.pending.is_empty()

@@ -670,15 +670,32 @@ impl Leo {
     /// One meta-training step on `episode`: samples latents and proxies, runs the inner loop
     /// with second-order gradients, clips the outer gradients (by value, then each tensor by
     /// norm, both at `grad_clip`) and takes an Adam step. Returns the outer loss before the
-    /// step.
+    /// step. A loss or gradient that is not finite skips the step (the parameters and Adam
+    /// state are left as they were) and is an error.
     pub fn meta_train_step(&mut self, episode: &Episode) -> Result<f64, TrainError> {
         let mut rng = self.rng.clone();
         let loss = self.outer_loss(episode, Some(&mut rng))?;
         self.rng = rng;
         self.optimizer.zero_grad();
+        let value = loss.f_double_value(&[])?;
+        let skipped = |what: &str| {
+            TrainError::Config(format!(
+                "LEO meta-training: the {what} is not finite (loss {value}); the step was skipped"
+            ))
+        };
+        if !value.is_finite() {
+            return Err(skipped("loss"));
+        }
         loss.f_backward()?;
         let clip = self.config.grad_clip;
         tch::no_grad(|| -> Result<(), TrainError> {
+            for var in self.vs.trainable_variables() {
+                let grad = var.grad();
+                if grad.defined() && grad.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+                    self.optimizer.zero_grad();
+                    return Err(skipped("gradient"));
+                }
+            }
             for var in self.vs.trainable_variables() {
                 let mut grad = var.grad();
                 if !grad.defined() {
@@ -693,7 +710,7 @@ impl Leo {
             Ok(())
         })?;
         self.optimizer.step();
-        Ok(loss.f_double_value(&[])?)
+        Ok(value)
     }
 
     /// Writes `DIR/leo.safetensors` (the parameters) and `DIR/leo.json` (dimension and
@@ -1172,6 +1189,32 @@ mod tests {
             "held-out query loss: before {before:.4}, after {after:.4}, imprinting {imprinted:.4}"
         );
         assert!(after < 0.7 * before, "before {before}, after {after}");
+    }
+
+    #[test]
+    fn a_non_finite_meta_training_loss_skips_the_step() {
+        let d = 6usize;
+        let mut leo = Leo::new(d as i64, &small_config(), test_device()).unwrap();
+        let mut rng = StdRng::seed_from_u64(3);
+        let ep = random_episode(&mut rng, d, 2, 2, 2, 3);
+        let poisoned = Episode {
+            support: ep.support.fill(f64::NAN),
+            ..random_episode(&mut rng, d, 2, 2, 2, 3)
+        };
+        let before: Vec<Tensor> = leo
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(|v| v.copy())
+            .collect();
+        assert!(leo.meta_train_step(&poisoned).is_err());
+        for (var, old) in leo.vs.trainable_variables().iter().zip(&before) {
+            assert!(var.equal(old), "a skipped step changed the parameters");
+        }
+        assert!(
+            leo.meta_train_step(&ep).unwrap().is_finite(),
+            "training goes on"
+        );
     }
 
     #[test]

@@ -881,6 +881,9 @@ fn publish(
     if !session.trainer.weights_finite()? {
         return Err(Diverged("the weights").into());
     }
+    if !session.classes.head_finite()? {
+        return Err(Diverged("the class head's proxies").into());
+    }
     let drift = match session.probe.as_mut() {
         Some(probe) => {
             let now = session.trainer.embed_eval(&probe.inputs)?;
