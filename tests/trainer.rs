@@ -394,6 +394,15 @@ fn assert_index_matches_model(server: &Server, image: &TestImage, id: &str) {
     );
 }
 
+/// The value of an unlabelled metric in the server's Prometheus text.
+fn metric(server: &Server, name: &str) -> f64 {
+    let (_, metrics) = server.get_text("/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+}
+
 /// A learning rate that makes the weights blow up after the first step: every later loss is
 /// not finite, so every later step fails and changes nothing. The trainer reports `failing`, counts
 /// the failures, and after ten in a row drops its weights and restarts from the live
@@ -408,13 +417,7 @@ fn a_diverging_trainer_reports_failing_and_restarts_from_the_live_generation() {
     let base = model_version(&server);
     let images = fashion_images(40);
     upsert_images(&server, "d-", &images);
-    let counter = |name: &str| {
-        let (_, metrics) = server.get_text("/metrics");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
-    };
+    let counter = |name: &str| metric(&server, name);
     let mut seen_failing = false;
     wait_for(
         "a restart after failed steps",
@@ -442,5 +445,80 @@ fn a_diverging_trainer_reports_failing_and_restarts_from_the_live_generation() {
     );
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["results"][0]["id"], "d-0", "{body}");
+    server.kill();
+}
+
+/// Exports a TorchScript model (linear 784 → 16 on 28×28 inputs) whose training leaves a
+/// buffer behind that makes its eval-mode embeddings infinite, as NaN BatchNorm statistics
+/// would (a skipped step cannot restore a TorchScript module's buffers). `None`: no venv
+/// Python and skipping is allowed.
+fn export_model_poisoned_by_training(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let source = "import os, torch\n\
+                  class M(torch.nn.Module):\n\
+                  \x20   def __init__(self):\n\
+                  \x20       super().__init__()\n\
+                  \x20       self.fc = torch.nn.Linear(784, 16)\n\
+                  \x20       self.register_buffer('trained', torch.zeros(1))\n\
+                  \x20   def forward(self, x):\n\
+                  \x20       y = self.fc(x.flatten(1))\n\
+                  \x20       if self.training:\n\
+                  \x20           self.trained.fill_(1.0)\n\
+                  \x20           return y\n\
+                  \x20       return y / (1.0 - self.trained)\n\
+                  torch.manual_seed(0)\n\
+                  torch.jit.script(M()).save(os.environ['OUT'])\n";
+    let model = dir.join("poisoned");
+    std::fs::create_dir_all(&model).unwrap();
+    if !crossbatch::model::test_support::export_torchscript(source, &model.join("model.pt")) {
+        return None;
+    }
+    std::fs::write(
+        model.join("model.toml"),
+        "name = \"poisoned-by-training\"\nformat = \"torchscript\"\narchitecture = \"linear\"\n\
+         embedding_dim = 16\nweights = \"model.pt\"\n\n[input]\nchannels = 1\nheight = 28\n\
+         width = 28\nmean = [0.286]\nstd = [0.353]\n",
+    )
+    .unwrap();
+    Some(model)
+}
+
+/// Every step succeeds, but the trained model's embeddings are not finite: each publish
+/// refuses it and the trainer restarts from the live generation at once (instead of training
+/// on and failing to publish forever); serving is untouched.
+#[test]
+fn a_trainer_whose_model_turns_non_finite_restarts_instead_of_publishing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = export_model_poisoned_by_training(dir.path()) else {
+        return;
+    };
+    let server = Server::start_on_model(&dir.path().join("data"), &model, &FAST_TRAINER);
+    let base = model_version(&server);
+    let images = fashion_images(40);
+    upsert_images(&server, "p-", &images);
+    wait_for(
+        "a restart after a refused publish",
+        Duration::from_secs(300),
+        || metric(&server, "crossbatch_trainer_restarts_total") >= 1.0,
+    );
+    assert_eq!(
+        metric(&server, "crossbatch_trainer_failed_steps_total"),
+        0.0,
+        "the restart came from the publish, not from failed steps"
+    );
+    let (_, status) = server.get("/v1/trainer");
+    assert_eq!(status["base_generation"], base, "{status}");
+    assert_eq!(model_version(&server), base, "nothing was published");
+    let (_, models) = server.get("/v1/models");
+    assert_eq!(
+        models["generations"].as_array().unwrap().len(),
+        1,
+        "{models}"
+    );
+    let (code, body) = server.post(
+        "/v1/search",
+        &json!({ "query": { "image": images[0].png }, "k": 1 }),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["results"][0]["id"], "p-0", "{body}");
     server.kill();
 }

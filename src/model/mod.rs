@@ -273,9 +273,10 @@ impl LoadedModel {
     }
 }
 
-/// Helpers shared by tests: the device under test and real TorchScript files.
-#[cfg(test)]
-pub(crate) mod test_support {
+/// Helpers shared by the unit and integration tests: the device under test and real
+/// TorchScript files. Not for production code.
+#[doc(hidden)]
+pub mod test_support {
     use std::path::Path;
 
     use tch::Device;

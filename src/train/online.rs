@@ -499,6 +499,8 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             }
             Err(e) => {
                 tracing::warn!("trainer cannot assemble a batch: {e}");
+                let why = format!("cannot assemble a batch (tried again): {e}");
+                set_state(handle, TrainerState::Idle, Some(why));
                 pool.sampler = None;
                 std::thread::sleep(IDLE_WAIT);
                 continue;
