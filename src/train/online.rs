@@ -265,23 +265,21 @@ impl TrainerHandle {
     pub fn expect_class(&self, store: &Store) -> Result<ClassUpload, crate::store::StoreError> {
         // Read before the lock: a version recorded later was reserved first.
         let recorded = store.generations()?.last().map_or(0, |g| g.version);
-        let mut control = self.lock();
-        control.uploads_in_flight += 1;
+        // Counted before the version is read: a publish deciding meanwhile waits for it.
+        let change = StoreChange::start(self, |control| &mut control.uploads_in_flight);
+        let reserved = self.lock().reserved_version;
         Ok(ClassUpload {
-            expected_generation: recorded.max(control.reserved_version) + 1,
-            trainer: self.clone(),
+            expected_generation: recorded.max(reserved) + 1,
+            _change: change,
         })
     }
 
     /// Starts deleting a class from the store: no publish starts until the returned
-    /// [`ClassRemoval`] is dropped after the commit; the trainer then re-reads the store
+    /// [`StoreChange`] is dropped after the commit; the trainer then re-reads the store
     /// (dropping the class's examples, replay exemplars and head proxy) and publishes a
     /// generation without it.
-    pub fn delete_class(&self) -> ClassRemoval {
-        self.lock().deletions_in_flight += 1;
-        ClassRemoval {
-            trainer: self.clone(),
-        }
+    pub fn delete_class(&self) -> StoreChange {
+        StoreChange::start(self, |control| &mut control.deletions_in_flight)
     }
 
     /// The replay memory's occupancy.
@@ -295,29 +293,33 @@ impl TrainerHandle {
 pub struct ClassUpload {
     /// The generation expected to be the first that includes the class.
     pub expected_generation: u64,
-    trainer: TrainerHandle,
+    _change: StoreChange,
 }
 
-impl Drop for ClassUpload {
-    fn drop(&mut self) {
-        let mut control = self.trainer.lock();
-        control.uploads_in_flight = control.uploads_in_flight.saturating_sub(1);
-        control.classes_changed = true;
-        self.trainer.shared.1.notify_all();
+/// A change of the store's classes in progress: an upload or a deletion, counted in the
+/// trainer's control until it is dropped, once committed (or failed); the trainer then
+/// re-reads the store.
+pub struct StoreChange {
+    trainer: TrainerHandle,
+    /// The count of such changes in flight, in the control.
+    in_flight: fn(&mut Control) -> &mut usize,
+}
+
+impl StoreChange {
+    fn start(trainer: &TrainerHandle, in_flight: fn(&mut Control) -> &mut usize) -> StoreChange {
+        *in_flight(&mut trainer.lock()) += 1;
+        StoreChange {
+            trainer: trainer.clone(),
+            in_flight,
+        }
     }
 }
 
-/// A class deletion in progress ([`TrainerHandle::delete_class`]). Dropping it, once the
-/// deletion is committed (or failed), tells the trainer to re-read the store; it publishes
-/// when that takes a class out of its head.
-pub struct ClassRemoval {
-    trainer: TrainerHandle,
-}
-
-impl Drop for ClassRemoval {
+impl Drop for StoreChange {
     fn drop(&mut self) {
         let mut control = self.trainer.lock();
-        control.deletions_in_flight = control.deletions_in_flight.saturating_sub(1);
+        let count = (self.in_flight)(&mut control);
+        *count = count.saturating_sub(1);
         control.classes_changed = true;
         self.trainer.shared.1.notify_all();
     }
@@ -452,15 +454,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             {
                 refresh_and_report(&context, handle, current, &mut pool, &mut rng);
             }
-            if let Some(diverged) = maybe_publish(&context, handle, current) {
-                drop_session(
-                    &context,
-                    handle,
-                    &mut session,
-                    &mut restart_reason,
-                    diverged,
-                );
-            }
+            publish_or_restart(&context, handle, &mut session, &mut restart_reason);
             wait(handle);
             continue;
         }
@@ -485,15 +479,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                 );
                 set_state(handle, TrainerState::Idle, Some(why));
                 // A class deleted down to too few examples still leaves the published head.
-                if let Some(diverged) = maybe_publish(&context, handle, current) {
-                    drop_session(
-                        &context,
-                        handle,
-                        &mut session,
-                        &mut restart_reason,
-                        diverged,
-                    );
-                }
+                publish_or_restart(&context, handle, &mut session, &mut restart_reason);
                 wait(handle);
                 continue;
             }
@@ -559,14 +545,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
                     control.replay = current.classes.replay_status();
                     report_classes(&context.metrics, &control);
                 }
-                if let Some(diverged) = maybe_publish(&context, handle, current) {
-                    drop_session(
-                        &context,
-                        handle,
-                        &mut session,
-                        &mut restart_reason,
-                        diverged,
-                    );
+                if publish_or_restart(&context, handle, &mut session, &mut restart_reason) {
                     continue;
                 }
                 let duty = context.config.duty_cycle.clamp(0.01, 1.0);
@@ -600,6 +579,24 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
             }
         }
     }
+}
+
+/// Publishes if due ([`maybe_publish`]); drops the session when the publish found its
+/// weights diverged, and then returns `true`.
+fn publish_or_restart(
+    context: &OnlineContext,
+    handle: &TrainerHandle,
+    session: &mut Option<Session>,
+    restart_reason: &mut Option<String>,
+) -> bool {
+    let Some(diverged) = session
+        .as_mut()
+        .and_then(|current| maybe_publish(context, handle, current))
+    else {
+        return false;
+    };
+    drop_session(context, handle, session, restart_reason, diverged);
+    true
 }
 
 /// Drops a session that cannot go on (its weights diverged, or a panic left it half
