@@ -484,7 +484,9 @@ fn export_model_poisoned_by_training(dir: &std::path::Path) -> Option<std::path:
 
 /// Every step succeeds, but the trained model's embeddings are not finite: each publish
 /// refuses it and the trainer restarts from the live generation at once (instead of training
-/// on and failing to publish forever); serving is untouched.
+/// on and failing to publish forever); serving is untouched. (`PUBLISH_EVERY` = 15 comes before
+/// the trainer's first re-read of the store at step 50, whose eval-mode embeddings of the
+/// replay candidates would not be finite either.)
 #[test]
 fn a_trainer_whose_model_turns_non_finite_restarts_instead_of_publishing() {
     let dir = tempfile::tempdir().unwrap();

@@ -503,7 +503,7 @@ pub fn run_tasks(
             }
             let before = batch.len();
             let n_replay = learner.config().replay_per_batch;
-            learner.push_replay(&mut batch, n_replay, &mut replay_ids, &mut rng)?;
+            learner.push_replay(&mut batch, n_replay, |id| replay_ids.id(id), &mut rng)?;
             replayed.extend(batch.labels[before..].iter().cloned());
             let lr = lr_at(step, schedule.steps_per_task, schedule.lr, WARMUP_FRACTION);
             loss_sum += learner

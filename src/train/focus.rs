@@ -58,6 +58,8 @@ pub struct ClassFocus {
     /// Numeric ids of focus examples the pool has not numbered (a class with one example),
     /// by example id, never reused.
     focus_ids: StableIds,
+    /// The head lost classes since [`ClassFocus::take_head_lost`] was last called.
+    head_lost: bool,
     /// Pending classes in the last batch [`ClassFocus::next_batch`] made; the next
     /// [`ClassFocus::step`] counts for them only.
     in_batch: Vec<String>,
@@ -83,6 +85,7 @@ impl ClassFocus {
             replay_ids: StableIds::new(REPLAY_ID_BASE),
             listed: HashMap::new(),
             focus_ids: StableIds::new(FOCUS_ID_BASE),
+            head_lost: false,
             in_batch: Vec::new(),
         })
     }
@@ -92,11 +95,11 @@ impl ClassFocus {
     pub fn restore(&mut self, checkpoint: &std::path::Path) -> Result<(), TrainError> {
         self.learner.restore(checkpoint)?;
         // Labels with a proxy and exemplars are offered to the memory again only once they
-        // have more examples than it has seen of them.
+        // have more examples than their latest offer gave.
         if let Some(replay) = self.learner.replay() {
             for share in replay.classes() {
                 if self.learner.knows(&share.label) {
-                    self.remembered.insert(share.label, share.seen);
+                    self.remembered.insert(share.label, share.offered);
                 }
             }
         }
@@ -110,16 +113,16 @@ impl ClassFocus {
 
     /// Reads the pending classes from the store and their inputs (`examples` is the store's
     /// list of labelled examples), gives every label a proxy, and puts labels that are not
-    /// pending into the replay memory. Returns whether the head lost classes (a deleted
-    /// class): a generation is then due even without a step. A label that cannot be read or
-    /// learnt is logged and tried again at the next refresh; the others go on.
+    /// pending into the replay memory; a label no stored example has leaves the head
+    /// ([`ClassFocus::take_head_lost`]). A label that cannot be read or learnt is logged and
+    /// tried again at the next refresh; the others go on.
     pub fn refresh(
         &mut self,
         trainer: &mut Trainer,
         pool: &mut ExamplePool,
         store: &Store,
         examples: &[LabelledExample],
-    ) -> Result<bool, TrainError> {
+    ) -> Result<(), TrainError> {
         // A deleted (or relabelled) example leaves the replay memory too, and its label is
         // offered to the memory again to replace it.
         let stored: HashSet<(&str, &str)> = examples
@@ -142,16 +145,9 @@ impl ClassFocus {
         // A label nothing in the store has any more (a deleted class) leaves the head. The
         // XBM memory labels its rows by head row, which this renumbers: it starts afresh.
         let stored_labels: HashSet<&str> = examples.iter().map(|e| e.label.as_str()).collect();
-        let dropped = self
-            .learner
-            .forget_classes(|label| stored_labels.contains(label))?;
+        let dropped = self.drop_from_head(trainer, |label| stored_labels.contains(label))?;
         if !dropped.is_empty() {
             tracing::info!(?dropped, "classes without stored examples left the head");
-            trainer.clear_memory();
-        }
-        for label in &dropped {
-            self.remembered.remove(label);
-            self.learnt.retain(|l| l != label);
         }
         // Classes learnt but not yet marked by a publish stay out of the focus.
         let pending: Vec<String> = store
@@ -192,6 +188,7 @@ impl ClassFocus {
             let Some(class) = class else {
                 tracing::warn!(label, "no example of this pending class can be learnt from");
                 self.pending.remove(label);
+                self.drop_from_head(trainer, |known| known != label)?;
                 continue;
             };
             let steps = self.pending.get(label).map_or(0, |p| p.steps);
@@ -231,7 +228,33 @@ impl ClassFocus {
                 Err(e) => tracing::warn!(label, "label not remembered (tried again later): {e}"),
             }
         }
-        Ok(!dropped.is_empty())
+        Ok(())
+    }
+
+    /// Drops the head's classes `keep` refuses, with their replay offers and unpublished
+    /// learning; the XBM memory, whose rows are labelled by head row (renumbered here),
+    /// starts afresh. Returns the labels dropped.
+    fn drop_from_head(
+        &mut self,
+        trainer: &mut Trainer,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, TrainError> {
+        let dropped = self.learner.forget_classes(keep)?;
+        if !dropped.is_empty() {
+            trainer.clear_memory();
+            self.head_lost = true;
+        }
+        for label in &dropped {
+            self.remembered.remove(label);
+            self.learnt.retain(|l| l != label);
+        }
+        Ok(dropped)
+    }
+
+    /// Whether the head lost classes since the last call (a generation is then due even
+    /// without a step).
+    pub fn take_head_lost(&mut self) -> bool {
+        std::mem::take(&mut self.head_lost)
     }
 
     /// A pending class's examples from the store, with a proxy in the head (`None`: no
@@ -326,8 +349,11 @@ impl ClassFocus {
         }
         let replay = self.learner.config().replay_per_batch;
         if self.learner.replay().is_some_and(|r| !r.is_empty()) {
+            // An exemplar is an example of its own, like a duplet's twin: another rendering of
+            // the stored example it was made from, and a positive pair with it.
+            let replay_ids = &mut self.replay_ids;
             self.learner
-                .push_replay(&mut batch, replay, &mut self.replay_ids, rng)?;
+                .push_replay(&mut batch, replay, |id| replay_ids.id(id), rng)?;
         } else if let Some(indices) = pool.sampler.as_mut().map(PkSampler::next_batch) {
             pool.push_batch(store, &indices, &self.input, &mut batch)?;
         }
@@ -338,7 +364,9 @@ impl ClassFocus {
     /// holds and, once they all had `focus_steps`, remembers them, adapts the classifier and
     /// meta-trains LEO.
     /// Returns the step's statistics and whether a set of classes was just learnt (the
-    /// trainer then publishes).
+    /// trainer then publishes). Once the step is taken, a failure of what follows it is
+    /// logged, not returned (the step did change the weights): the classes stay pending and
+    /// learning them is tried again after the next step.
     pub fn step(
         &mut self,
         trainer: &mut Trainer,
@@ -356,25 +384,36 @@ impl ClassFocus {
                 }
             }
             if self.pending.values().all(|p| p.steps >= self.focus_steps) {
-                // The classes stay pending until all of this succeeds: a failure is retried
-                // after the next step.
-                let classes: Vec<ClassExamples> =
-                    self.pending.values().map(|p| p.examples.clone()).collect();
-                for class in &classes {
-                    self.learner.remember(trainer, class)?;
-                    self.remembered.insert(class.label.clone(), class.ids.len());
+                match self.learn_pending(trainer, rng) {
+                    Ok(()) => learnt_now = true,
+                    Err(e) => tracing::warn!(
+                        "pending classes not learnt yet (tried again after the next step): {e}"
+                    ),
                 }
-                self.learner.adapt(trainer, &classes, rng)?;
-                self.learner.meta_train(trainer, rng)?;
-                self.pending.clear();
-                self.learnt.extend(classes.into_iter().map(|c| c.label));
-                learnt_now = true;
             }
         }
         if self.learner.adaptation_due() {
-            self.learner.adapt(trainer, &[], rng)?;
+            if let Err(e) = self.learner.adapt(trainer, &[], rng) {
+                tracing::warn!("classifier adaptation failed (tried again later): {e}");
+            }
         }
         Ok((stats, learnt_now))
+    }
+
+    /// Remembers the pending classes in the replay memory, adapts the classifier and
+    /// meta-trains LEO; they are learnt (no longer pending) only when all of it succeeds.
+    fn learn_pending(&mut self, trainer: &Trainer, rng: &mut StdRng) -> Result<(), TrainError> {
+        let classes: Vec<ClassExamples> =
+            self.pending.values().map(|p| p.examples.clone()).collect();
+        for class in &classes {
+            self.learner.remember(trainer, class)?;
+            self.remembered.insert(class.label.clone(), class.ids.len());
+        }
+        self.learner.adapt(trainer, &classes, rng)?;
+        self.learner.meta_train(trainer, rng)?;
+        self.pending.clear();
+        self.learnt.extend(classes.into_iter().map(|c| c.label));
+        Ok(())
     }
 
     /// Classes learnt since the last call (to be marked as included by the next generation).
@@ -552,13 +591,14 @@ mod tests {
         let refresh = |focus: &mut ClassFocus, trainer: &mut Trainer, pool: &mut ExamplePool| {
             let examples = store.labelled_examples().unwrap();
             pool.refresh(&examples, &defaults, 0);
-            focus.refresh(trainer, pool, &store, &examples).unwrap()
+            focus.refresh(trainer, pool, &store, &examples).unwrap();
+            focus.take_head_lost()
         };
         assert!(!refresh(&mut focus, &mut trainer, &mut pool));
         assert_eq!(focus.pending_labels(), ["new"]);
         // Replayed exemplars of the old labels keep one numeric id however often they are
         // drawn, so self-pairs are masked against the XBM memory (16 draws per batch here,
-        // 6 exemplars).
+        // 6 exemplars); it is their own, not the id of the item they were made from.
         let mut replayed: HashMap<i64, Vec<f32>> = HashMap::new();
         let mut draws = 0;
         for _ in 0..4 {

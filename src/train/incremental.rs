@@ -492,19 +492,20 @@ impl ClassLearner {
         Ok(())
     }
 
-    /// Appends `n` class-balanced replayed exemplars (numeric ids from `next_id` on).
+    /// Appends `n` class-balanced replayed exemplars, each with the numeric id `id_of` gives
+    /// the example it was made from.
     pub fn push_replay(
         &self,
         batch: &mut FlatBatch,
         n: usize,
-        ids: &mut StableIds,
+        mut id_of: impl FnMut(&str) -> i64,
         rng: &mut impl Rng,
     ) -> Result<(), TrainError> {
         let Some(replay) = &self.replay else {
             return Ok(());
         };
         for draw in replay.sample_balanced(n, rng)? {
-            batch.push(&draw.values, &draw.label, ids.id(&draw.id));
+            batch.push(&draw.values, &draw.label, id_of(&draw.id));
         }
         Ok(())
     }
@@ -698,7 +699,7 @@ impl ClassLearner {
             return Ok(None);
         }
         let mut total = 0.0;
-        let mut episodes = 0usize;
+        let (mut episodes, mut skipped) = (0usize, 0usize);
         for _ in 0..self.config.leo_meta_steps {
             let min_rows = by_class.iter().map(|t| t.size()[0]).min().unwrap_or(0) as usize;
             let shots = rng.gen_range(
@@ -711,8 +712,19 @@ impl ClassLearner {
             let Some(episode) = sample_episode(&by_class, 1, shots, 1, rng) else {
                 break;
             };
-            total += leo.meta_train_step(&episode)?;
-            episodes += 1;
+            match leo.meta_train_step(&episode)? {
+                Some(loss) => {
+                    total += loss;
+                    episodes += 1;
+                }
+                None => skipped += 1,
+            }
+        }
+        if skipped > 0 {
+            tracing::warn!(
+                skipped,
+                "LEO meta-training steps with a non-finite loss skipped"
+            );
         }
         if episodes == 0 {
             return Ok(None);

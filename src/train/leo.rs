@@ -670,30 +670,24 @@ impl Leo {
     /// One meta-training step on `episode`: samples latents and proxies, runs the inner loop
     /// with second-order gradients, clips the outer gradients (by value, then each tensor by
     /// norm, both at `grad_clip`) and takes an Adam step. Returns the outer loss before the
-    /// step. A loss or gradient that is not finite skips the step (the parameters and Adam
-    /// state are left as they were) and is an error.
-    pub fn meta_train_step(&mut self, episode: &Episode) -> Result<f64, TrainError> {
+    /// step, or `None` when the loss or a gradient is not finite: the step is skipped and the
+    /// parameters and Adam state are left as they were.
+    pub fn meta_train_step(&mut self, episode: &Episode) -> Result<Option<f64>, TrainError> {
         let mut rng = self.rng.clone();
         let loss = self.outer_loss(episode, Some(&mut rng))?;
         self.rng = rng;
         self.optimizer.zero_grad();
         let value = loss.f_double_value(&[])?;
-        let skipped = |what: &str| {
-            TrainError::Config(format!(
-                "LEO meta-training: the {what} is not finite (loss {value}); the step was skipped"
-            ))
-        };
         if !value.is_finite() {
-            return Err(skipped("loss"));
+            return Ok(None);
         }
         loss.f_backward()?;
         let clip = self.config.grad_clip;
-        tch::no_grad(|| -> Result<(), TrainError> {
+        let finite = tch::no_grad(|| -> Result<bool, TrainError> {
             for var in self.vs.trainable_variables() {
                 let grad = var.grad();
                 if grad.defined() && grad.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
-                    self.optimizer.zero_grad();
-                    return Err(skipped("gradient"));
+                    return Ok(false);
                 }
             }
             for var in self.vs.trainable_variables() {
@@ -707,10 +701,14 @@ impl Leo {
                     let _ = grad.f_mul_scalar_(clip / norm)?;
                 }
             }
-            Ok(())
+            Ok(true)
         })?;
+        if !finite {
+            self.optimizer.zero_grad();
+            return Ok(None);
+        }
         self.optimizer.step();
-        Ok(value)
+        Ok(Some(value))
     }
 
     /// Writes `DIR/leo.safetensors` (the parameters) and `DIR/leo.json` (dimension and
@@ -1163,7 +1161,7 @@ mod tests {
         let before = mean_loss(&leo);
         for _ in 0..300 {
             let ep = sample_episode(train, 5, 3, 5, &mut rng).unwrap();
-            assert!(leo.meta_train_step(&ep).unwrap().is_finite());
+            assert!(leo.meta_train_step(&ep).unwrap().unwrap().is_finite());
         }
         let after = mean_loss(&leo);
         let imprinted = held
@@ -1207,12 +1205,12 @@ mod tests {
             .iter()
             .map(|v| v.copy())
             .collect();
-        assert!(leo.meta_train_step(&poisoned).is_err());
+        assert_eq!(leo.meta_train_step(&poisoned).unwrap(), None, "skipped");
         for (var, old) in leo.vs.trainable_variables().iter().zip(&before) {
             assert!(var.equal(old), "a skipped step changed the parameters");
         }
         assert!(
-            leo.meta_train_step(&ep).unwrap().is_finite(),
+            leo.meta_train_step(&ep).unwrap().unwrap().is_finite(),
             "training goes on"
         );
     }
@@ -1231,7 +1229,7 @@ mod tests {
             ..ep
         };
         for _ in 0..3 {
-            leo.meta_train_step(&ep).unwrap();
+            leo.meta_train_step(&ep).unwrap().unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
         leo.save(dir.path()).unwrap();

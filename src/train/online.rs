@@ -47,7 +47,8 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 pub enum TrainerState {
     /// Waiting for the first live generation.
     Starting,
-    /// Not enough labelled examples (2 labels with 2 examples each).
+    /// Not enough labelled examples (2 labels with 2 examples each), or no batch could be
+    /// assembled (see `message`).
     Idle,
     /// Taking steps.
     Training,
@@ -119,16 +120,16 @@ struct Control {
     stopped: bool,
     finished: bool,
     paused: bool,
-    /// A publish asked for through the API or by learnt classes.
+    /// A publish asked for through the API.
     publish_requested: bool,
     /// A periodic publish is due (dropped by a pause).
     periodic_publish_due: bool,
     /// Classes were learnt or left the head: a publish is due once no class is pending or
     /// being uploaded and the trainer is not paused (kept through a pause).
     auto_publish_due: bool,
-    /// New classes were uploaded since the trainer last read the store.
+    /// Classes were uploaded or deleted since the trainer last read the store.
     classes_changed: bool,
-    /// Class uploads between [`TrainerHandle::expect_class`] and their store write: periodic
+    /// Class uploads between [`TrainerHandle::expect_class`] and their store write: automatic
     /// publishes wait for them, so the generation an upload expects stays free for it.
     uploads_in_flight: usize,
     /// Class deletions between [`TrainerHandle::delete_class`] and their store commit: no
@@ -260,12 +261,13 @@ impl TrainerHandle {
     /// Starts a class upload: the version of the generation that will first include the class
     /// (the next version after every generation recorded or being published), held for it
     /// until the returned [`ClassUpload`] is dropped after the store write. The trainer holds
-    /// back its periodic publishes meanwhile and while it learns the pending classes, so the
-    /// next generation it publishes is that one (unless a publish is forced through the API).
+    /// back its own publishes (periodic, for classes learnt or deleted) meanwhile and while it
+    /// learns the pending classes, so the next generation it publishes is that one (unless a
+    /// publish is forced through the API).
     pub fn expect_class(&self, store: &Store) -> Result<ClassUpload, crate::store::StoreError> {
         // Read before the lock: a version recorded later was reserved first.
         let recorded = store.generations()?.last().map_or(0, |g| g.version);
-        // Counted before the version is read: a publish deciding meanwhile waits for it.
+        // Counted before the version is read: an automatic publish deciding meanwhile waits.
         let change = StoreChange::start(self, |control| &mut control.uploads_in_flight);
         let reserved = self.lock().reserved_version;
         Ok(ClassUpload {
@@ -633,10 +635,11 @@ fn refresh_and_report(
     pool: &mut ExamplePool,
     rng: &mut StdRng,
 ) {
-    let head_lost_classes = refresh(context, session, pool, rng).unwrap_or_else(|e| {
+    if let Err(e) = refresh(context, session, pool, rng) {
         tracing::warn!("trainer cannot read examples: {e}");
-        false
-    });
+    }
+    // Taken whether or not the refresh finished: a class it dropped is gone from the head.
+    let head_lost_classes = session.classes.take_head_lost();
     session.store_read = Some(Instant::now());
     session.head_changed |= head_lost_classes;
     let mut control = handle.lock();
@@ -739,13 +742,12 @@ fn train_step(
 }
 
 /// Re-reads the store: the sampler's pool, the pending classes and the labels to remember.
-/// Returns whether the head lost classes.
 fn refresh(
     context: &OnlineContext,
     session: &mut Session,
     pool: &mut ExamplePool,
     rng: &mut StdRng,
-) -> Result<bool, TrainError> {
+) -> Result<(), TrainError> {
     let examples = context.store.labelled_examples()?;
     pool.refresh(&examples, &context.config, rng_seed(rng));
     session
@@ -753,8 +755,6 @@ fn refresh(
         .refresh(&mut session.trainer, pool, &context.store, &examples)
 }
 
-/// Publishes a generation if one is due (asked for, or a periodic one no class upload is
-/// waiting on), the trainer has taken steps since its last generation, and no build runs.
 /// What, besides the control flags, decides whether a publish is due.
 #[derive(Debug, Clone, Copy)]
 struct PublishGate {

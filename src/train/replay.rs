@@ -361,8 +361,8 @@ pub struct ClassShare {
     pub bytes: usize,
     /// Most exemplars the class may hold.
     pub quota: usize,
-    /// Candidates offered for the class so far (less those it already held when offered).
-    pub seen: usize,
+    /// Candidates given by the class's latest offer ([`ReplayMemory::add_class`]).
+    pub offered: usize,
 }
 
 /// What [`ReplayMemory::add_class`] did.
@@ -397,6 +397,8 @@ struct ClassSlot {
     seen: usize,
     /// Number of `add_class` calls for this class, to vary random selection.
     additions: u64,
+    /// Candidates given by the latest `add_class` call.
+    offered: usize,
     /// Payload bytes of `exemplars`.
     bytes: usize,
 }
@@ -590,6 +592,7 @@ impl ReplayMemory {
                 slot.mean_sum = mean_sum;
                 slot.seen = seen;
                 slot.additions += 1;
+                slot.offered = candidates.len();
                 slot.bytes += added_bytes;
             }
             None => self.classes.push(ClassSlot {
@@ -599,6 +602,7 @@ impl ReplayMemory {
                 mean_sum,
                 seen,
                 additions: 1,
+                offered: candidates.len(),
                 bytes: added_bytes,
             }),
         }
@@ -664,7 +668,7 @@ impl ReplayMemory {
                 exemplars: s.exemplars.len(),
                 bytes: s.bytes,
                 quota: quota(self.capacity, k, i),
-                seen: s.seen,
+                offered: s.offered,
             })
             .collect()
     }
@@ -746,6 +750,7 @@ impl ReplayMemory {
                     label: s.label.clone(),
                     seen: s.seen,
                     additions: s.additions,
+                    offered: s.offered,
                     mean_sum: b64.encode(
                         s.mean_sum
                             .iter()
@@ -833,6 +838,7 @@ impl ReplayMemory {
                 mean_sum,
                 seen: class.seen,
                 additions: class.additions,
+                offered: class.offered,
                 bytes: 0,
             };
             for e in class.exemplars {
@@ -1117,6 +1123,9 @@ struct SavedClass {
     label: String,
     seen: usize,
     additions: u64,
+    /// Absent in files written before it was kept (read as 0: the label is offered again).
+    #[serde(default)]
+    offered: usize,
     /// Little-endian f64 values, base64.
     mean_sum: String,
     exemplars: Vec<SavedExemplar>,
@@ -1612,6 +1621,20 @@ mod tests {
             let now = small.exemplars(&share.label);
             assert_eq!(now, &original.exemplars(&share.label)[..now.len()]);
         }
+
+        // A file written before `offered` was kept still loads; its labels read as offered
+        // nothing, so they are offered again.
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for class in json["classes"].as_array_mut().unwrap() {
+            assert!(class["offered"].as_u64().unwrap() > 0);
+            class.as_object_mut().unwrap().remove("offered");
+        }
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let older = ReplayMemory::load(&path, config(4_000), spec.clone()).unwrap();
+        assert!(older.classes().iter().all(|c| c.offered == 0));
+        assert_eq!(older.len(), original.len());
+        original.save(&path).unwrap();
 
         // Other codec settings or a broken file are refused.
         let full = ReplayConfig {
