@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 pub use builder::{BuildContext, BuildError, BuildProgress, SwapReport};
-pub use publisher::{BuildOrigin, LastBuild, Publisher};
+pub use publisher::{BuildOrigin, BuildReservation, LastBuild, Publisher};
 
 use crate::classify::{HeadSnapshot, ServedHead};
 use crate::embed::preprocess::values_from_raw;
@@ -469,6 +469,48 @@ mod tests {
             .filter(|l| !with_examples.contains(**l))
             .map(|l| l.to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_build_reservation_holds_the_publisher_until_started_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let registry = Arc::new(Registry::new());
+        let live = generation(&[]);
+        let context = BuildContext {
+            store: store.clone(),
+            metrics: Arc::new(Metrics::new().unwrap()),
+            limits: BatchingLimits {
+                max_batch: 4,
+                max_wait: Duration::from_millis(1),
+                queue_capacity: 16,
+            },
+            device: "cpu".into(),
+            index: live.index.params().clone(),
+            reembed_rate: 0.0,
+        };
+        registry.publish_initial(&store, live);
+        let publisher = Publisher::new(registry, context);
+        let trainer = BuildOrigin::Trainer {
+            activations_seen: 0,
+        };
+        let reservation = publisher.reserve(2, trainer).unwrap();
+        assert!(publisher.is_busy());
+        assert!(matches!(
+            publisher.reserve(3, BuildOrigin::Activation),
+            Err(BuildError::Busy(2))
+        ));
+        drop(reservation);
+        assert!(!publisher.is_busy(), "an unstarted reservation releases");
+        // Weights that predate an activation are refused before anything is reserved.
+        let stale = BuildOrigin::Trainer {
+            activations_seen: 1,
+        };
+        assert!(matches!(
+            publisher.reserve(2, stale),
+            Err(BuildError::Superseded { live: 1 })
+        ));
+        assert!(!publisher.is_busy());
     }
 
     #[test]

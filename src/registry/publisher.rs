@@ -70,33 +70,40 @@ impl Publisher {
         model_dir: PathBuf,
         origin: BuildOrigin,
     ) -> Result<(), BuildError> {
+        self.reserve(version, origin)?.start(model_dir)
+    }
+
+    /// Accepts a build of generation `version` for `origin` (refused as by
+    /// [`Publisher::start`]) without starting it yet: no other build is accepted until the
+    /// reservation is started or dropped. The trainer writes and records its checkpoint
+    /// meanwhile, so a refused build leaves no recorded generation behind.
+    pub fn reserve(
+        self: &Arc<Self>,
+        version: u64,
+        origin: BuildOrigin,
+    ) -> Result<BuildReservation, BuildError> {
         let Some(live) = self.registry.live() else {
             return Err(BuildError::NotReady);
         };
-        {
-            let mut busy = self.lock_busy();
-            if let Some(building) = *busy {
-                return Err(BuildError::Busy(building));
-            }
-            // No build runs and `busy` is locked: no activation can swap in before this build
-            // ends, so the check is final.
-            if let BuildOrigin::Trainer { activations_seen } = origin {
-                if activations_seen != self.activations() {
-                    let live = self.registry.live().map_or(live.version, |g| g.version);
-                    return Err(BuildError::Superseded { live });
-                }
-            }
-            *busy = Some(version);
+        let mut busy = self.lock_busy();
+        if let Some(building) = *busy {
+            return Err(BuildError::Busy(building));
         }
-        let publisher = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("build-generation-{version}"))
-            .spawn(move || publisher.run(version, &model_dir, origin));
-        if let Err(e) = spawned {
-            *self.lock_busy() = None;
-            return Err(BuildError::Spawn(e));
+        // No build runs and `busy` is locked: no activation can swap in before this build
+        // ends, so the check is final.
+        if let BuildOrigin::Trainer { activations_seen } = origin {
+            if activations_seen != self.activations() {
+                let live = self.registry.live().map_or(live.version, |g| g.version);
+                return Err(BuildError::Superseded { live });
+            }
         }
-        Ok(())
+        *busy = Some(version);
+        Ok(BuildReservation {
+            publisher: self.clone(),
+            version,
+            origin,
+            started: false,
+        })
     }
 
     fn lock_busy(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
@@ -179,5 +186,37 @@ impl Publisher {
     /// The registry it publishes into.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+}
+
+/// A build accepted by [`Publisher::reserve`] and not started yet. Dropping it unstarted
+/// releases the publisher for other builds.
+pub struct BuildReservation {
+    publisher: Arc<Publisher>,
+    version: u64,
+    origin: BuildOrigin,
+    started: bool,
+}
+
+impl BuildReservation {
+    /// Starts the reserved build from `model_dir` on a background thread; returns at once.
+    pub fn start(mut self, model_dir: PathBuf) -> Result<(), BuildError> {
+        let publisher = self.publisher.clone();
+        let (version, origin) = (self.version, self.origin);
+        std::thread::Builder::new()
+            .name(format!("build-generation-{version}"))
+            .spawn(move || publisher.run(version, &model_dir, origin))
+            .map_err(BuildError::Spawn)?;
+        // The build thread releases the publisher when it ends.
+        self.started = true;
+        Ok(())
+    }
+}
+
+impl Drop for BuildReservation {
+    fn drop(&mut self) {
+        if !self.started {
+            *self.publisher.lock_busy() = None;
+        }
     }
 }

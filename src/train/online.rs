@@ -912,6 +912,14 @@ fn publish(
         "drift": drift,
         "objective": context.config.objective,
     });
+    // Accepted before anything is written: a refused build (another one running, or an
+    // activation that overtook these weights) leaves no checkpoint or record behind.
+    let build = context.publisher.reserve(
+        version,
+        BuildOrigin::Trainer {
+            activations_seen: session.activations_seen,
+        },
+    )?;
     write_checkpoint(session, &dir, &details)?;
     store.record_generation(&GenerationRecord {
         version,
@@ -919,13 +927,7 @@ fn publish(
         created_unix: crate::server::unix_now(),
         details,
     })?;
-    context.publisher.start(
-        version,
-        dir,
-        BuildOrigin::Trainer {
-            activations_seen: session.activations_seen,
-        },
-    )?;
+    build.start(dir)?;
     // Only a build that started includes the learnt classes: a refused one leaves them to
     // the next publish.
     let learnt = session.classes.take_learnt();
