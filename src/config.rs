@@ -15,6 +15,10 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "CROSSBATCH__";
 
+/// Longest accepted duration setting, in seconds (a day): larger ones overflow the clock
+/// arithmetic that uses them.
+const MAX_SECONDS: u64 = 86_400;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,6 +218,16 @@ impl Config {
             trainer.publish_every >= 1,
             "trainer.publish_every must be at least 1",
         )?;
+        check(
+            trainer.classes_per_batch >= 2 && trainer.per_class >= 2,
+            "trainer.classes_per_batch and trainer.per_class must be at least 2 (a batch needs \
+             negatives and positives)",
+        )?;
+        check(
+            self.server.shutdown_grace_seconds <= MAX_SECONDS
+                && batching.max_wait_ms <= MAX_SECONDS * 1000,
+            "server.shutdown_grace_seconds and batching.max_wait_ms must be at most a day",
+        )?;
         trainer
             .objective
             .validate()
@@ -224,9 +238,27 @@ impl Config {
             .map_err(|e| format!("trainer.classes: {e}"))
     }
 
-    /// Reads the configuration as `serve` does: optional file plus the process environment.
+    /// Reads the configuration as `serve` does: optional file plus the process environment
+    /// (variables whose name or value is not UTF-8 are not ours and are passed over; one of
+    /// ours with such a value is refused).
     pub fn from_process(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Config::load(file, std::env::vars())
+        let mut vars = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Ok(name) = name.into_string() else {
+                continue;
+            };
+            match value.into_string() {
+                Ok(value) => vars.push((name, value)),
+                Err(_) if name.starts_with(ENV_PREFIX) => {
+                    return Err(ConfigError::Invalid {
+                        origin: name,
+                        message: "the value is not UTF-8".into(),
+                    })
+                }
+                Err(_) => {}
+            }
+        }
+        Config::load(file, vars)
     }
 }
 
@@ -339,6 +371,24 @@ mod tests {
             ("SERVER__BODY_LIMIT_BYTES", "10", "body_limit_bytes"),
             ("TRAINER__CLASSES__HEAD_WEIGHT", "-1", "head_weight"),
             ("TRAINER__PUBLISH_EVERY", "0", "publish_every"),
+            ("TRAINER__CLASSES_PER_BATCH", "1", "classes_per_batch"),
+            ("TRAINER__PER_CLASS", "0", "per_class"),
+            (
+                "SERVER__SHUTDOWN_GRACE_SECONDS",
+                "18446744073709551615",
+                "shutdown_grace",
+            ),
+            (
+                "BATCHING__MAX_WAIT_MS",
+                "18446744073709551615",
+                "max_wait_ms",
+            ),
+            ("TRAINER__OBJECTIVE__MEMORY_WEIGHT", "nan", "memory_weight"),
+            (
+                "TRAINER__OBJECTIVE__MEMORY_SIZE",
+                "10000000000",
+                "memory_size",
+            ),
             (
                 "TRAINER__OBJECTIVE__GRADCACHE_CHUNK",
                 "16",

@@ -293,6 +293,17 @@ enum Op {
     },
 }
 
+/// Ends a compaction's journaling however the compaction ends: after the swap the journal is
+/// already taken, and after a panic before it later writes must not pile up in a journal
+/// nobody replays.
+struct StopJournalOnExit<'a>(&'a VectorIndex);
+
+impl Drop for StopJournalOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.lock_writer().journal = None;
+    }
+}
+
 /// Serialises writers; holds the journal of a compaction in progress.
 struct Writer {
     journal: Option<Vec<Op>>,
@@ -590,7 +601,9 @@ impl VectorIndex {
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
             Err(TryLockError::WouldBlock) => return false,
         };
-        // 1. Snapshot the live points and start journaling writes.
+        // 1. Snapshot the live points and start journaling writes (until the swap, or until
+        // a panic ends the compaction: later writes must not pile up in a dead journal).
+        let _journaling = StopJournalOnExit(self);
         let snapshot: Vec<LivePoint> = {
             let mut writer = self.lock_writer();
             let s = self.read();
@@ -1253,5 +1266,28 @@ mod tests {
     fn is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<VectorIndex>();
+    }
+    #[test]
+    fn a_compaction_that_panics_stops_journaling_and_leaves_the_index_working() {
+        let dim = 8;
+        let (idx, vecs) = build(200, dim, 2, 43);
+        assert!(idx.remove("k0"));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            idx.compact_with(|| panic!("building the graph failed"))
+        }));
+        assert!(panicked.is_err());
+        assert!(
+            idx.lock_writer().journal.is_none(),
+            "no dead journal keeps growing"
+        );
+        let mut rng = StdRng::seed_from_u64(44);
+        let fresh = unit(&mut rng, dim);
+        idx.upsert("after", None, &fresh).unwrap();
+        assert_eq!(idx.search(&fresh, 1, None, None).unwrap()[0].key, "after");
+        assert_eq!(idx.search(&vecs[5], 1, None, None).unwrap()[0].key, "k5");
+        // The next compaction runs and keeps every point.
+        assert!(idx.compact());
+        assert_eq!(idx.tombstones(), 0);
+        assert_eq!(idx.len(), 200);
     }
 }

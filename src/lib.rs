@@ -16,6 +16,7 @@ pub mod eval;
 pub mod index;
 pub mod metrics;
 pub mod model;
+pub mod panic;
 pub mod registry;
 pub mod server;
 pub mod store;

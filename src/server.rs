@@ -182,12 +182,21 @@ fn spawn_compactor(registry: std::sync::Weak<Registry>) {
             };
             if let Some(generation) = registry.live() {
                 let started = Instant::now();
-                if generation.index.maybe_compact() {
-                    tracing::info!(
+                // A panicking pass is logged; the thread goes on and the index keeps working.
+                let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    generation.index.maybe_compact()
+                }));
+                match pass {
+                    Ok(true) => tracing::info!(
                         seconds = started.elapsed().as_secs_f64(),
                         items = generation.index.len(),
                         "index compacted"
-                    );
+                    ),
+                    Ok(false) => {}
+                    Err(panic) => tracing::error!(
+                        "index compaction panicked (the index is unchanged): {}",
+                        crate::panic::message(panic.as_ref())
+                    ),
                 }
             }
         });
@@ -331,10 +340,26 @@ fn resolve_active_model(store: &Store, base_dir: &Path) -> anyhow::Result<Active
         .get_meta(META_ACTIVE_VERSION)?
         .and_then(|v| v.parse().ok())
         .context("the store records no active model version")?;
-    let record = generations
+    // The latest base generation is the configured model (same fingerprint); it may have moved
+    // with a redeploy, so it is served from where it is configured now, and re-recorded there.
+    let latest_base = generations
+        .iter()
+        .filter(|g| g.details["origin"] == "base")
+        .map(|g| g.version)
+        .max();
+    let mut record = generations
         .into_iter()
         .find(|g| g.version == active)
         .with_context(|| format!("active generation {active} is not recorded"))?;
+    if latest_base == Some(active) && record.model_dir != base_dir {
+        tracing::info!(
+            from = %record.model_dir.display(),
+            to = %base_dir.display(),
+            "the base model has moved"
+        );
+        record.model_dir = base_dir;
+        store.record_generation(&record)?;
+    }
     Ok(ActiveModel {
         version: active,
         dir: record.model_dir,

@@ -344,3 +344,42 @@ fn a_base_model_that_fails_to_load_does_not_become_active() {
     );
     assert_eq!(server.item_count(), 5);
 }
+
+/// A redeploy that moves the unchanged base model: the data directory starts on the same
+/// generation, served from the model's new place (before, the start failed on the old path).
+#[test]
+fn a_moved_base_model_is_served_from_its_new_place() {
+    let data = tempfile::tempdir().unwrap();
+    let before = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    let model = before.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for file in ["model.toml", "model.safetensors"] {
+        std::fs::copy(shipped.join(file), model.join(file)).unwrap();
+    }
+    let server = Server::start_on_model(data.path(), &model, &[]);
+    upsert_images(&server, "img", &fashion_images(5));
+    let version = server.get("/v1/info").1["model_version"].clone();
+    server.kill();
+
+    let after = tempfile::tempdir().unwrap();
+    let moved = after.path().join("model");
+    std::fs::rename(&model, &moved).unwrap();
+    let server = Server::start_on_model(data.path(), &moved, &[]);
+    assert_eq!(server.get("/v1/info").1["model_version"], version);
+    let (_, models) = server.get("/v1/models");
+    let generations = models["generations"].as_array().unwrap();
+    assert_eq!(generations.len(), 1, "no new generation: {models}");
+    let recorded = std::fs::canonicalize(&moved).unwrap();
+    assert_eq!(
+        generations[0]["model_dir"],
+        recorded.display().to_string(),
+        "{models}"
+    );
+    let (status, found) = server.post(
+        "/v1/search",
+        &json!({ "query": { "item_id": "img3" }, "k": 1 }),
+    );
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["results"][0]["id"], "img3");
+}

@@ -9,7 +9,7 @@
 //!    flight finish on the old one.
 //! 4. Record the active version and refresh the stored embeddings (guarded by each item's
 //!    sequence number, so newer writes are never overwritten).
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +29,9 @@ pub const META_ACTIVE_VERSION: &str = "active_version";
 const BUILD_BATCH: usize = 256;
 /// Touched items left over that are embedded under the write lock at swap time.
 const SWAP_REMAINDER: usize = 64;
+/// Catch-up rounds before the swap takes whatever is left under the write lock: writes that
+/// keep coming faster than one round re-embeds them must not hold the swap off for ever.
+const MAX_CATCH_UP_ROUNDS: usize = 8;
 
 /// What building a generation needs from the server.
 #[derive(Clone)]
@@ -87,6 +90,9 @@ pub enum BuildError {
     /// The index refused a vector.
     #[error(transparent)]
     Index(#[from] crate::index::IndexError),
+    /// The build panicked.
+    #[error("the build panicked: {0}")]
+    Panicked(String),
 }
 
 /// What a finished swap reports.
@@ -146,9 +152,14 @@ impl Registry {
         }
         let result = self.fill_and_swap(context, &generation, progress, started);
         if result.is_err() {
-            self.set_building(&mut self.lock_writes(), None);
+            self.abandon_build();
         }
         result
+    }
+
+    /// Drops the generation under construction, if any (its build failed or panicked).
+    pub(super) fn abandon_build(&self) {
+        self.set_building(&mut self.lock_writes(), None);
     }
 
     fn fill_and_swap(
@@ -165,7 +176,7 @@ impl Registry {
         let ids = store.item_ids()?;
         progress.total.store(ids.len() as u64, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
-        let mut refreshes = Vec::with_capacity(ids.len());
+        let mut refreshes = Refreshes::with_capacity(ids.len());
         let chunks = ids.len().div_ceil(BUILD_BATCH);
         for (index, chunk) in ids.chunks(BUILD_BATCH).enumerate() {
             let batch_started = Instant::now();
@@ -177,17 +188,22 @@ impl Registry {
                 insert(generation, &rows, &fresh)?;
                 refreshes.extend(fresh);
             }
-            progress
+            let done = progress
                 .done
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed)
+                + chunk.len() as u64;
             context.metrics.reembedded_items.inc_by(chunk.len() as u64);
+            context
+                .metrics
+                .reembed_progress
+                .set(done as f64 / ids.len() as f64);
             // No rest after the last chunk: no re-embedding follows that it would pace.
             if index + 1 < chunks {
                 throttle(context.reembed_rate, chunk.len(), batch_started);
             }
         }
-        // Catch up with writes made meanwhile until few remain.
-        loop {
+        // Catch up with writes made meanwhile until few remain (or the rounds run out).
+        for _ in 0..MAX_CATCH_UP_ROUNDS {
             let touched = {
                 let mut writes = self.lock_writes();
                 if writes.building.as_ref().map_or(0, |b| b.touched.len()) <= SWAP_REMAINDER {
@@ -221,6 +237,7 @@ impl Registry {
         }
         // The generation is live and recorded; stored embeddings that stay stale are only a
         // cost (start-up re-embeds them), so a failed refresh does not fail the build.
+        let refreshes = refreshes.into_rows();
         for chunk in refreshes.chunks(BUILD_BATCH * 4) {
             if let Err(e) = store.refresh_embeddings(chunk) {
                 tracing::warn!(
@@ -252,6 +269,32 @@ impl Registry {
         let fresh = untouched(&writes, embedded);
         apply(generation, &ids, &rows, &fresh)?;
         Ok(fresh)
+    }
+}
+
+/// The stored embeddings a build refreshes once it is live: one per item, the newest (an item
+/// written during the build is embedded again by every catch-up round that sees it).
+struct Refreshes(HashMap<String, EmbeddingRefresh>);
+
+impl Refreshes {
+    fn with_capacity(items: usize) -> Refreshes {
+        Refreshes(HashMap::with_capacity(items))
+    }
+
+    /// Adds `rows`, each replacing an older refresh of its item.
+    fn extend(&mut self, rows: impl IntoIterator<Item = EmbeddingRefresh>) {
+        for row in rows {
+            match self.0.get(&row.id) {
+                Some(kept) if kept.seq > row.seq => {}
+                _ => {
+                    self.0.insert(row.id.clone(), row);
+                }
+            }
+        }
+    }
+
+    fn into_rows(self) -> Vec<EmbeddingRefresh> {
+        self.0.into_values().collect()
     }
 }
 
@@ -396,5 +439,33 @@ fn throttle(rate: f64, items: usize, since: Instant) {
         if let Some(rest) = budget.checked_sub(since.elapsed()) {
             std::thread::sleep(rest);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refresh(id: &str, seq: u64) -> EmbeddingRefresh {
+        EmbeddingRefresh {
+            id: id.into(),
+            seq,
+            embedding: vec![seq as f32],
+            model_version: 2,
+        }
+    }
+
+    #[test]
+    fn refreshes_keep_one_row_per_item_the_newest() {
+        let mut refreshes = Refreshes::with_capacity(4);
+        refreshes.extend([refresh("a", 1), refresh("b", 2)]);
+        // Catch-up rounds embed written items again: the newer read wins, an older one never.
+        refreshes.extend([refresh("a", 5), refresh("b", 1)]);
+        refreshes.extend([refresh("a", 3)]);
+        let mut rows = refreshes.into_rows();
+        rows.sort_by(|x, y| x.id.cmp(&y.id));
+        let kept: Vec<(&str, u64)> = rows.iter().map(|r| (r.id.as_str(), r.seq)).collect();
+        assert_eq!(kept, [("a", 5), ("b", 2)]);
+        assert_eq!(rows[0].embedding, [5.0]);
     }
 }

@@ -316,6 +316,11 @@ impl Registry {
             HashSet::new()
         };
         store.upsert_items_registering(&items, class)?;
+        // Committed: a build in progress re-reads these ids before its swap, whatever
+        // happens to the live index below.
+        if let Some(building) = writes.building.as_mut() {
+            building.touched.extend(items.iter().map(|i| i.id.clone()));
+        }
         if tracks_labels {
             changed.extend(items.iter().filter_map(|i| i.label.clone()));
             self.recheck_labels(store, changed);
@@ -325,9 +330,6 @@ impl Registry {
             .map(|i| (i.id.as_str(), i.label.as_deref(), i.embedding.as_slice()))
             .collect();
         live.index.upsert_batch(&batch)?;
-        if let Some(building) = writes.building.as_mut() {
-            building.touched.extend(items.iter().map(|i| i.id.clone()));
-        }
         Ok(live.version)
     }
 

@@ -1,5 +1,6 @@
 //! Runs generation builds in the background, one at a time, for the trainer (new weights)
 //! and for `POST /v1/models/{version}/activate` (roll back or forward).
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,9 +115,16 @@ impl Publisher {
         let metrics = &self.context.metrics;
         metrics.reembed_progress.set(0.0);
         tracing::info!(version, dir = %model_dir.display(), "building generation");
-        let outcome =
+        // A panic (libtorch, a decoder, the graph library) fails the build like an error: the
+        // half-built generation is dropped and the publisher takes builds again.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             self.registry
-                .build_and_swap(&self.context, version, model_dir, &self.progress);
+                .build_and_swap(&self.context, version, model_dir, &self.progress)
+        }))
+        .unwrap_or_else(|panic| {
+            self.registry.abandon_build();
+            Err(BuildError::Panicked(crate::panic::message(panic.as_ref())))
+        });
         let last = match outcome {
             Ok(report) => {
                 metrics.generations_published.inc();

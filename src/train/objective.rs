@@ -16,6 +16,10 @@ pub enum LossKind {
     MultiSimilarity,
 }
 
+/// Most rows of the XBM memory: 2^24 rows of a 128-d fp32 embedding are 8 GiB, beyond any
+/// useful memory (the paper's largest is 65,536).
+pub const MAX_MEMORY_ROWS: usize = 1 << 24;
+
 /// Loss and cross-batch memory settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +74,15 @@ impl Objective {
     /// Settings that could never train, named by their config keys (`crossbatch train` names
     /// its flags when the trainer refuses them).
     pub fn validate(&self) -> Result<(), String> {
+        if !(self.margin.is_finite() && self.memory_weight.is_finite() && self.memory_weight >= 0.0)
+        {
+            return Err("margin must be finite and memory_weight finite and at least 0".into());
+        }
+        if self.memory_size > MAX_MEMORY_ROWS {
+            return Err(format!(
+                "memory_size must be at most {MAX_MEMORY_ROWS} rows (0 = off)"
+            ));
+        }
         if self.gradcache_chunk > 0 && self.norm != NormMode::Frozen {
             return Err(
                 "gradcache_chunk needs norm = \"frozen\" (batch statistics would differ per \

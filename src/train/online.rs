@@ -500,7 +500,7 @@ fn run(context: OnlineContext, handle: &TrainerHandle) {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             train_step(&context, current, &mut pool, &batch, &mut rng)
         }))
-        .unwrap_or_else(|panic| Err(TrainError::Panicked(panic_message(panic.as_ref()))));
+        .unwrap_or_else(|panic| Err(TrainError::Panicked(crate::panic::message(panic.as_ref()))));
         match outcome {
             Ok((loss, learnt)) => {
                 failed_in_a_row = 0;
@@ -616,15 +616,6 @@ fn drop_session(
     *session = None;
     *restart_reason = Some(message.clone());
     set_state(handle, TrainerState::Failing, Some(message));
-}
-
-/// The text of a caught panic's payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Re-reads the store's examples and pending classes, and reports them in the status.
