@@ -122,6 +122,22 @@ fn import_then_eval_through_the_server_matches_offline_eval() {
 fn train_writes_a_model_eval_loads_and_fine_tunes_with_every_objective_switch() {
     let out = tempfile::tempdir().unwrap();
     let model_dir = out.path().join("model");
+    // Flags that could never train, or would train a model no server loads, are refused
+    // before anything is read or written.
+    for bad in [
+        &["--per-class", "1"][..],
+        &["--batch-size", "0"],
+        &["--lr", "nan"],
+        &["--embedding-dim", "70000"],
+    ] {
+        let refused = Command::new(env!("CARGO_BIN_EXE_crossbatch"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(train_args(&model_dir, "500", "3", bad))
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{bad:?} was accepted");
+        assert!(!model_dir.exists(), "{bad:?} wrote a model");
+    }
     train(&model_dir, "500", "3", &["--batch-size", "32"]);
     assert!(model_dir.join("model.toml").exists());
     let report = eval_model(&model_dir, "100");

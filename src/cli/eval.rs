@@ -39,7 +39,7 @@ pub struct EvalArgs {
     /// Images per `/v1/embed` request with --server (at least 1; lowered to the server's
     /// `max_inputs_per_request`; lower it for large photos: each request must stay under the
     /// server's body limit).
-    #[arg(long, default_value_t = 64, conflicts_with = "model", value_parser = super::at_least_one())]
+    #[arg(long, default_value_t = 64, conflicts_with = "model", value_parser = super::at_least(1))]
     pub batch_size: usize,
 }
 

@@ -15,7 +15,7 @@ pub struct ImportArgs {
     #[arg(long)]
     pub server: String,
     /// Items per request (at least 1; lowered to the server's `max_inputs_per_request`).
-    #[arg(long, default_value_t = 64, value_parser = super::at_least_one())]
+    #[arg(long, default_value_t = 64, value_parser = super::at_least(1))]
     pub batch_size: usize,
     /// Prefix of the generated item ids (`PREFIX{index}`); default: the dataset file's name
     /// and a dash.

@@ -25,10 +25,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2000)]
     pub steps: usize,
     /// Batch size P × K (P = classes per batch, at most the number of classes).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = super::at_least(4))]
     pub batch_size: usize,
     /// Examples per class in a batch (K), when the data has enough classes for P = batch/K.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::at_least(2))]
     pub per_class: usize,
     /// Model name written to model.toml (default: "resnet-small", or the --init model's name).
     #[arg(long)]
@@ -49,7 +49,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub image_size: Option<usize>,
     /// Peak learning rate (Adam; linear warm-up over 5 % of the steps, then cosine decay).
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 2e-3, value_parser = super::positive)]
     pub lr: f64,
     /// Seed of weight initialisation, sampling and augmentation.
     #[arg(long, default_value_t = 0)]

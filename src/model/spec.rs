@@ -140,7 +140,8 @@ impl ModelSpec {
         std::fs::write(&path, text).map_err(io)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Refuses a description no server could load (checked on load, and before training).
+    pub fn validate(&self) -> Result<(), String> {
         let input = &self.input;
         if input.channels != 1 && input.channels != 3 {
             return Err(format!(

@@ -255,6 +255,8 @@ impl Trainer {
             ));
         }
         check_builtin_spec(&spec)?;
+        // Refused before training, not when the trained model is loaded.
+        spec.validate().map_err(TrainError::Config)?;
         let vs = nn::VarStore::new(device);
         let net = Network::Builtin(Box::new(ResNetSmall::from_spec(&vs.root(), &spec)));
         Trainer::assemble(vs, net, spec, lr, loss)
