@@ -97,7 +97,7 @@ pub struct IncrementalArgs {
     #[arg(long, default_value_t = 200)]
     pub steps_per_task: usize,
     /// New-task examples per batch, P × K (before duplets and replay).
-    #[arg(long, default_value_t = 32, value_parser = super::at_least(4))]
+    #[arg(long, default_value_t = 32, value_parser = super::at_least(2))]
     pub batch_size: usize,
     /// Examples per class in a batch (K); P = batch / K, at most the task's classes.
     #[arg(long, default_value_t = 4, value_parser = super::at_least(2))]

@@ -25,7 +25,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2000)]
     pub steps: usize,
     /// Batch size P × K (P = classes per batch, at most the number of classes).
-    #[arg(long, default_value_t = 128, value_parser = super::at_least(4))]
+    #[arg(long, default_value_t = 128, value_parser = super::at_least(2))]
     pub batch_size: usize,
     /// Examples per class in a batch (K), when the data has enough classes for P = batch/K.
     #[arg(long, default_value_t = 8, value_parser = super::at_least(2))]
