@@ -399,3 +399,71 @@ fn a_moved_base_model_is_served_from_its_new_place() {
     assert_eq!(status, 200, "{found}");
     assert_eq!(found["results"][0]["id"], "img3");
 }
+
+/// A TCP proxy to `target` (`http://host:port`) that cuts its first connection once
+/// `cut_after` bytes have gone from the client to the server, as a restarting server or a
+/// broken network would, and forwards every later connection whole. Returns its URL.
+fn proxy_cutting_its_first_connection(target: &str, cut_after: usize) -> String {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let target = target.trim_start_matches("http://").to_owned();
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let server = TcpStream::connect(&target).unwrap();
+            let (mut from_server, mut to_client) =
+                (server.try_clone().unwrap(), client.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_server, &mut to_client);
+                let _ = to_client.shutdown(Shutdown::Both);
+            });
+            let (mut from_client, mut to_server) = (client, server);
+            let limit = if n == 0 { cut_after } else { usize::MAX };
+            std::thread::spawn(move || {
+                let (mut buffer, mut sent) = (vec![0u8; 16 * 1024], 0usize);
+                while sent < limit {
+                    let Ok(read) = from_client.read(&mut buffer) else {
+                        break;
+                    };
+                    if read == 0 || to_server.write_all(&buffer[..read]).is_err() {
+                        break;
+                    }
+                    sent += read;
+                }
+                let _ = from_client.shutdown(Shutdown::Both);
+                let _ = to_server.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    url
+}
+
+/// An import whose connection breaks midway (a server restarting, a network failing) sends
+/// the broken request again and stores everything.
+#[test]
+fn an_import_survives_a_connection_cut_midway() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let proxy = proxy_cutting_its_first_connection(&server.url, 100_000);
+    let (_, stderr) = crossbatch(&[
+        "import",
+        "--server",
+        &proxy,
+        "--format",
+        "idx",
+        "--labels",
+        FMNIST_LABELS,
+        "--limit",
+        "300",
+        "--batch-size",
+        "50",
+        FMNIST_IMAGES,
+    ]);
+    assert!(
+        stderr.contains("retrying"),
+        "the cut was not seen: {stderr}"
+    );
+    assert_eq!(server.item_count(), 300);
+}

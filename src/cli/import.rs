@@ -121,8 +121,16 @@ pub fn batch_size_for_server(
     Ok(batch_size.min(limit).max(1))
 }
 
+/// Whether a request that failed this way may simply be sent again: the server could not be
+/// reached, did not answer in time, or the connection broke before a whole answer came (a
+/// server restarting). Every request the tools send is safe to repeat (upserts replace).
+fn transient(error: &reqwest::Error) -> bool {
+    error.is_connect() || error.is_timeout() || error.is_request() || error.is_body()
+}
+
 /// Sends a request (again and again, for up to ten minutes with backoff) while the answer is
-/// 429 or 503 or the server cannot be reached; `what` names it in errors.
+/// 429 or 503, the server cannot be reached, or the connection breaks before the whole answer
+/// ([`transient`]); `what` names it in errors.
 fn send_with_retry(
     what: &str,
     send: impl Fn() -> reqwest::Result<reqwest::blocking::Response>,
@@ -137,12 +145,20 @@ fn send_with_retry(
                 if status.as_u16() == 429 || status.as_u16() == 503 {
                     format!("answered {status}")
                 } else {
-                    let text = response.text()?;
-                    anyhow::ensure!(status.is_success(), "{what} answered {status}: {text}");
-                    return Ok(serde_json::from_str(&text)?);
+                    match response.text() {
+                        Ok(text) => {
+                            anyhow::ensure!(
+                                status.is_success(),
+                                "{what} answered {status}: {text}"
+                            );
+                            return Ok(serde_json::from_str(&text)?);
+                        }
+                        Err(e) if transient(&e) => e.to_string(),
+                        Err(e) => return Err(e).with_context(|| what.to_owned()),
+                    }
                 }
             }
-            Err(e) if e.is_connect() || e.is_timeout() => e.to_string(),
+            Err(e) if transient(&e) => e.to_string(),
             Err(e) => return Err(e).with_context(|| what.to_owned()),
         };
         if std::time::Instant::now() + delay > deadline {
