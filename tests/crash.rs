@@ -1,5 +1,6 @@
-//! Crash safety in the style of Qdrant's crasher: SIGKILL the server while a client upserts,
-//! restart, and check that every acknowledged write is there — no loss, no phantom items.
+//! Crash safety in the style of Qdrant's crasher: SIGKILL the server while a client upserts
+//! and deletes, restart, and check that every acknowledged write is there — no loss, no
+//! phantom items, no deleted item back (in the store or in the rebuilt index).
 mod common;
 
 use std::collections::BTreeSet;
@@ -15,6 +16,9 @@ fn acknowledged_writes_survive_repeated_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let images = fashion_images(200);
     let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
+    // Acknowledged deletes, and every id a delete was sent for (acknowledged or cut).
+    let deleted = Arc::new(Mutex::new(BTreeSet::new()));
+    let delete_sent = Arc::new(Mutex::new(BTreeSet::new()));
     // Requests the kill cut after they had reached the server (not refused connections).
     let cut = Arc::new(AtomicUsize::new(0));
     let mut attempted = BTreeSet::new();
@@ -26,6 +30,10 @@ fn acknowledged_writes_survive_repeated_sigkill() {
             let (status, _) = server.get(&format!("/v1/items/{id}"));
             assert_eq!(status, 200, "round {round}: acknowledged item {id} lost");
         }
+        for id in deleted.lock().unwrap().iter() {
+            let (status, _) = server.get(&format!("/v1/items/{id}"));
+            assert_eq!(status, 404, "round {round}: deleted item {id} is back");
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let writer = {
             let (url, stop, acknowledged, cut) = (
@@ -34,6 +42,7 @@ fn acknowledged_writes_survive_repeated_sigkill() {
                 acknowledged.clone(),
                 cut.clone(),
             );
+            let (deleted, delete_sent) = (deleted.clone(), delete_sent.clone());
             let images = images.clone();
             let first = next_id;
             std::thread::spawn(move || {
@@ -58,6 +67,17 @@ fn acknowledged_writes_survive_repeated_sigkill() {
                         }
                         _ => {}
                     }
+                    // Every other request, delete the first item of the one before: an
+                    // acknowledged delete is final; a cut one leaves the item either way.
+                    if id % 10 == 5 {
+                        let victim = format!("c{}", id - 5);
+                        delete_sent.lock().unwrap().insert(victim.clone());
+                        acknowledged.lock().unwrap().remove(&victim);
+                        let gone = client.delete(format!("{url}/v1/items/{victim}")).send();
+                        if gone.is_ok_and(|r| r.status() == 200) {
+                            deleted.lock().unwrap().insert(victim);
+                        }
+                    }
                     id += 5;
                 }
                 id
@@ -69,6 +89,27 @@ fn acknowledged_writes_survive_repeated_sigkill() {
     }
     let server = Server::start(dir.path(), &[]);
     let acknowledged = acknowledged.lock().unwrap();
+    let (deleted, delete_sent) = (deleted.lock().unwrap(), delete_sent.lock().unwrap());
+    assert!(!deleted.is_empty(), "no delete was acknowledged");
+    for id in deleted.iter() {
+        assert_eq!(
+            server.get(&format!("/v1/items/{id}")).0,
+            404,
+            "{id} is back"
+        );
+    }
+    // Nor does the index rebuilt at start-up find them.
+    for image in images.iter().take(20) {
+        let (status, found) = server.post(
+            "/v1/search",
+            &json!({ "query": { "image": image.png }, "k": 100 }),
+        );
+        assert_eq!(status, 200, "{found}");
+        for hit in found["results"].as_array().unwrap() {
+            let id = hit["id"].as_str().unwrap();
+            assert!(!deleted.contains(id), "search found deleted {id}");
+        }
+    }
     assert!(
         acknowledged.len() >= 20,
         "the test wrote too little: {}",
@@ -96,13 +137,17 @@ fn acknowledged_writes_survive_repeated_sigkill() {
     );
     let first_ids = (0..next_id).step_by(5);
     for first in first_ids {
-        let stored = (first..first + 5)
-            .filter(|i| present.contains(&format!("c{i}")))
-            .count();
+        // The ids no delete was sent for.
+        let kept: Vec<String> = (first..first + 5)
+            .map(|i| format!("c{i}"))
+            .filter(|id| !delete_sent.contains(id))
+            .collect();
+        let stored = kept.iter().filter(|id| present.contains(id)).count();
         assert!(
-            stored == 0 || stored == 5,
-            "request c{first}..c{} is half stored ({stored} of 5)",
-            first + 4
+            stored == 0 || stored == kept.len(),
+            "request c{first}..c{} is half stored ({stored} of {})",
+            first + 4,
+            kept.len()
         );
     }
     for id in acknowledged.iter().step_by(3) {
