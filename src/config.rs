@@ -55,6 +55,8 @@ pub struct TrainerConfig {
     pub duty_cycle: f64,
     /// Steps between published generations.
     pub publish_every: usize,
+    /// Trainer generations kept on disk, the newest (0 = all); older ones are deleted.
+    pub keep_generations: usize,
     /// Most items re-embedded per second while building a generation (0 = unlimited).
     pub reembed_rate: f64,
     /// Labelled items embedded by consecutive generations to measure drift.

@@ -524,3 +524,49 @@ fn a_trainer_whose_model_turns_non_finite_restarts_instead_of_publishing() {
     assert_eq!(body["results"][0]["id"], "p-0", "{body}");
     server.kill();
 }
+
+/// With `keep_generations = 2` a trainer that publishes again and again keeps only its two
+/// newest generations (and the live one), records and directories alike; the base model
+/// stays.
+#[test]
+fn old_trainer_generations_are_deleted_beyond_keep_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = [
+        &FAST_TRAINER[..],
+        &[("CROSSBATCH__TRAINER__KEEP_GENERATIONS", "2")],
+    ]
+    .concat();
+    let server = Server::start(dir.path(), &config);
+    let base = model_version(&server);
+    upsert_images(&server, "k-", &fashion_images(40));
+    wait_for("five trainer generations", Duration::from_secs(300), || {
+        model_version(&server) >= base + 5
+    });
+    let (_, models) = server.get("/v1/models");
+    let versions: Vec<u64> = models["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions[0], base, "the base model stays: {models}");
+    let trained = versions.len() - 1;
+    assert!((2..=3).contains(&trained), "{models}");
+    let live = model_version(&server);
+    assert!(versions.contains(&live), "{models}");
+    let on_disk = std::fs::read_dir(dir.path().join("generations"))
+        .unwrap()
+        .filter(|e| {
+            !e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
+        .count();
+    assert!(
+        on_disk <= 3,
+        "{on_disk} generation directories left: {models}"
+    );
+    server.kill();
+}

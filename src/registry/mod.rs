@@ -22,6 +22,7 @@
 
 pub mod builder;
 pub mod publisher;
+pub mod retention;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -693,6 +693,17 @@ impl Store {
         }
     }
 
+    /// Forgets generation `version` (its directory is the caller's); returns whether it was
+    /// recorded.
+    pub fn delete_generation(&self, version: u64) -> Result<bool, StoreError> {
+        let version = to_i64("<generation>", "version", version)?;
+        let deleted = self.conn().execute(
+            "DELETE FROM generations WHERE version = ?1",
+            params![version],
+        )?;
+        Ok(deleted > 0)
+    }
+
     /// Every recorded generation, oldest first.
     pub fn generations(&self) -> Result<Vec<GenerationRecord>, StoreError> {
         let conn = self.conn();

@@ -26,7 +26,7 @@ use super::pool::{ExamplePool, Probe};
 use super::TrainError;
 use crate::config::TrainerConfig;
 use crate::metrics::Metrics;
-use crate::registry::{BuildError, BuildOrigin, Publisher};
+use crate::registry::{retention, BuildError, BuildOrigin, Publisher};
 use crate::store::{GenerationRecord, Store};
 
 /// Steps between re-reads of the labelled examples from the store.
@@ -924,6 +924,17 @@ fn publish(
     let learnt = session.classes.take_learnt();
     store.mark_first_generation(&learnt, version)?;
     context.metrics.classes_learnt.inc_by(learnt.len() as u64);
+    // Old generations go, but never the live one or the one just started.
+    let live = context.publisher.registry().live().map(|g| g.version);
+    let protected: Vec<u64> = [Some(version), live].into_iter().flatten().collect();
+    if let Err(e) = retention::prune(
+        store,
+        &context.data_dir.join("generations"),
+        context.config.keep_generations,
+        &protected,
+    ) {
+        tracing::warn!("old generations not deleted: {e}");
+    }
     tracing::info!(
         version,
         steps = session.steps,
