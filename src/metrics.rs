@@ -162,7 +162,7 @@ impl Metrics {
         )?;
         let trainer_restarts = IntCounter::new(
             "trainer_restarts_total",
-            "Times the online trainer restarted from the live generation after steps kept failing.",
+            "Times the online trainer restarted from the live generation (10 failed steps in a row, a panicking step, or diverged weights at a publish).",
         )?;
         let generations_published = IntCounter::new(
             "generations_published_total",

@@ -52,8 +52,9 @@ pub enum TrainerState {
     Idle,
     /// Taking steps.
     Training,
-    /// Its last step failed and changed nothing (see `message`); after
-    /// 10 in a row it restarts from the live generation.
+    /// Its last step failed and changed nothing (see `message`); after 10 in a row, a step
+    /// that panicked, or a publish that found the weights diverged, it restarted from the live
+    /// generation.
     Failing,
     /// Paused through the API.
     Paused,
@@ -890,10 +891,8 @@ fn publish(
         }
         None => None,
     };
-    let dir = context
-        .data_dir
-        .join("generations")
-        .join(version.to_string());
+    let generations = context.data_dir.join("generations");
+    let dir = generations.join(version.to_string());
     let details = serde_json::json!({
         "origin": "trainer",
         "parent": session.published.last().copied().unwrap_or(session.base),
@@ -929,7 +928,7 @@ fn publish(
     let protected: Vec<u64> = [Some(version), live].into_iter().flatten().collect();
     if let Err(e) = retention::prune(
         store,
-        &context.data_dir.join("generations"),
+        &generations,
         context.config.keep_generations,
         &protected,
     ) {
